@@ -1,0 +1,358 @@
+"""Dynamics model: an ST-transformer predicting the next frame's tokens from past frames' tokens and a
+latent action, sampled with MaskGIT (Genie §2.3; MaskGIT, Chang et al. 2022).
+
+Axes: b batch, t time, n tokens of a frame (h*w), d width, H heads, c cached frames.
+
+Each block attends spatially within a frame (bidirectional), then temporally across frames at the same
+token position (causal), then applies a feed-forward layer. Time enters only through a learned bias
+per head and frame distance, so a sliding window of cached frames behaves the same at step 10 and
+step 10,000.
+
+Action alignment: frame t+1 is conditioned on the latent action a_t of the transition t -> t+1 (and the
+first frame on a "no action" embedding); the action embedding is added to the frame's tokens at the
+input and at every block.
+
+Training is two-stream so that it sees what play sees. At play time the past frames are complete
+(their tokens are all known) and only the frame being generated is partly masked. Masking every frame
+as the paper does (rate ~ U(0.5, 1)) would train on masked contexts that never occur in play. Here a
+clean stream runs causally over the unmasked clip and provides the keys and values of the past, and a
+masked stream holds each frame t >= 1 with its tokens masked at a rate drawn from
+U(mask_rate_min, mask_rate_max); a masked frame attends to the clean frames before it and to itself.
+The clean stream of a frame computes exactly what its masked stream would with nothing masked, so the
+cache filled at play time from finished frames holds what training used. The first frame is never
+masked: it is the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from genie_env.config import GenieConfig
+from genie_env.models.blocks import MLP, SelfAttention
+
+NEG_INF = float("-inf")
+
+
+class STBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, window: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.action = nn.Linear(dim, dim)
+        self.norm_s = nn.LayerNorm(dim)
+        self.spatial = SelfAttention(dim, heads)
+        self.norm_t = nn.LayerNorm(dim)
+        self.temporal = SelfAttention(dim, heads)
+        self.norm_m = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio)
+        # learned bias per head and frame distance 0 .. window-1
+        self.time_bias = nn.Parameter(torch.zeros(heads, window))
+
+    def _spatial_mlp_in(self, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """x (B, T, n, d), act (B, T, d): action conditioning + spatial attention within each frame."""
+        b, t = x.shape[:2]
+        x = x + self.action(act)[:, :, None]
+        h = rearrange(self.norm_s(x), "b t n d -> (b t) n d")
+        return x + rearrange(self.spatial(h), "(b t) n d -> b t n d", b=b)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm_m(x))
+
+    def forward_train(
+        self, xc: torch.Tensor, xm: torch.Tensor, ac: torch.Tensor, am: torch.Tensor,
+        bias_cc: torch.Tensor, bias_m: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean stream xc (B, T, n, d) and masked stream xm (B, T-1, n, d) (frames 1..T-1)."""
+        b, t, n, d = xc.shape
+        xc = self._spatial_mlp_in(xc, ac)
+        xm = self._spatial_mlp_in(xm, am)
+        qc, kc, vc = self.temporal.split(rearrange(self.norm_t(xc), "b t n d -> (b n) t d"))
+        qm, km, vm = self.temporal.split(rearrange(self.norm_t(xm), "b t n d -> (b n) t d"))
+        oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=bias_cc.to(qc.dtype))
+        om = F.scaled_dot_product_attention(
+            qm, torch.cat([kc, km], dim=2), torch.cat([vc, vm], dim=2), attn_mask=bias_m.to(qm.dtype)
+        )
+        xc = xc + rearrange(self.temporal.merge(oc), "(b n) t d -> b t n d", b=b)
+        xm = xm + rearrange(self.temporal.merge(om), "(b n) t d -> b t n d", b=b)
+        return self._mlp(xc), self._mlp(xm)
+
+    def forward_step(
+        self, x: torch.Tensor, act: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One new frame x (B, 1, n, d) against cached keys/values (B, n, H, c, d/H) of past frames.
+
+        bias: (B*n, H, 1, c+1) additive mask (distance bias, -inf for empty cache slots).
+        Returns the output and this frame's own key and value (B, n, H, d/H) for the cache.
+        """
+        b, _, n, d = x.shape
+        x = self._spatial_mlp_in(x, act)
+        q, k, v = self.temporal.split(rearrange(self.norm_t(x), "b t n d -> (b n) t d"))  # (bn, H, 1, dh)
+        ck = cache_k.reshape(b * n, self.heads, -1, d // self.heads).to(k.dtype)
+        cv = cache_v.reshape(b * n, self.heads, -1, d // self.heads).to(v.dtype)
+        o = F.scaled_dot_product_attention(
+            q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), attn_mask=bias.to(q.dtype)
+        )
+        x = x + rearrange(self.temporal.merge(o), "(b n) t d -> b t n d", b=b)
+        new_k = k.view(b, n, self.heads, d // self.heads)
+        new_v = v.view(b, n, self.heads, d // self.heads)
+        return self._mlp(x), new_k, new_v
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the last ``capacity`` complete frames, per layer, as a per-row ring buffer.
+
+    k, v: (layers, B, n, H, c, d/H); age: (B, c) frames between a slot and the frame being generated
+    (0 = empty); ptr: (B,) the slot the next complete frame is written to.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    age: torch.Tensor
+    ptr: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def clear(self, rows: torch.Tensor | None = None) -> None:
+        if rows is None:
+            self.age.zero_()
+            self.ptr.zero_()
+        else:
+            self.age[rows] = 0
+            self.ptr[rows] = 0
+
+    def frames(self) -> torch.Tensor:
+        """(B,) number of cached frames per row."""
+        return (self.age > 0).sum(1)
+
+
+class DynamicsModel(nn.Module):
+    def __init__(self, config: GenieConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dynamics_dim
+        self.vocab = config.tokenizer_vocab_size
+        self.mask_id = self.vocab
+        self.null_action = config.action_vocab_size
+        self.num_tokens = config.tokens_per_frame
+        self.window = config.context_frames
+        self.token_emb = nn.Embedding(self.vocab + 1, d)
+        self.pos_emb = nn.Parameter(torch.randn(self.num_tokens, d) * 0.02)
+        self.action_emb = nn.Embedding(config.action_vocab_size + 1, d)
+        self.blocks = nn.ModuleList(
+            STBlock(d, config.dynamics_num_heads, config.dynamics_mlp_ratio, self.window)
+            for _ in range(config.dynamics_depth)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, self.vocab)
+        self.gradient_checkpointing = config.gradient_checkpointing
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ------------------------------------------------------------------ embeddings
+    def _embed(self, tokens: torch.Tensor, actions_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T, n) (mask_id = masked), actions_in (B, T) (null_action for the first frame)."""
+        a = self.action_emb(actions_in)
+        return self.token_emb(tokens) + self.pos_emb + a[:, :, None], a
+
+    def _train_biases(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-block additive masks (H, T, T) clean->clean and (H, T-1, 2T-1) masked->[clean, masked]."""
+        qi = torch.arange(t, device=device)[:, None]
+        kj = torch.arange(t, device=device)[None, :]
+        dist = qi - kj
+        cc_ok = (dist >= 0) & (dist < self.window)
+        mq = torch.arange(1, t, device=device)[:, None]
+        m_dist = mq - kj  # masked frame t attends clean frames j < t within the window
+        mc_ok = (m_dist > 0) & (m_dist < self.window)
+        self_ok = torch.eye(t - 1, dtype=torch.bool, device=device)
+        out = []
+        for blk in self.blocks:
+            tb = blk.time_bias
+            cc = torch.where(cc_ok, tb[:, dist.clamp(0, self.window - 1)], NEG_INF)
+            mc = torch.where(mc_ok, tb[:, m_dist.clamp(0, self.window - 1)], NEG_INF)
+            ms = torch.where(self_ok, tb[:, :1, None].expand(-1, t - 1, t - 1), NEG_INF)
+            out.append((cc, torch.cat([mc, ms], dim=2)))
+        return out
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self, tokens: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor,
+        context_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for frames 1..T-1.
+
+        tokens: (B, T, n) long, the clip's tokens; actions: (B, T-1) long latent actions, a_t for the
+        transition t -> t+1; mask: (B, T-1, n) bool, which tokens of frames 1..T-1 are hidden from the
+        masked stream; context_tokens: tokens for the clean stream if not ``tokens`` (noised context).
+        Returns (B, T-1, n, vocab) logits.
+        """
+        b, t, n = tokens.shape
+        null = torch.full((b, 1), self.null_action, dtype=torch.long, device=tokens.device)
+        acts_in = torch.cat([null, actions], dim=1)  # frame t+1 gets a_t
+        clean = tokens if context_tokens is None else context_tokens
+        masked = torch.where(mask, self.mask_id, tokens[:, 1:])
+        xc, ac = self._embed(clean, acts_in)
+        xm, am = self._embed(masked, acts_in[:, 1:])
+        for blk, (bcc, bm) in zip(self.blocks, self._train_biases(t, tokens.device)):
+            if self.gradient_checkpointing and self.training:
+                xc, xm = checkpoint(blk.forward_train, xc, xm, ac, am, bcc, bm, use_reentrant=False)
+            else:
+                xc, xm = blk.forward_train(xc, xm, ac, am, bcc, bm)
+        return self.head(self.norm(xm))
+
+    def loss(self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Masked-token cross-entropy on frames 1..T-1, mask rate per frame ~ U(min, max)."""
+        cfg = self.config
+        b, t, n = tokens.shape
+        dev = tokens.device
+        rate = torch.empty(b, t - 1, 1, device=dev).uniform_(cfg.mask_rate_min, cfg.mask_rate_max,
+                                                             generator=generator)
+        mask = torch.rand(b, t - 1, n, device=dev, generator=generator) < rate
+        # at least one masked token per frame, so every frame contributes
+        force = torch.randint(0, n, (b, t - 1, 1), device=dev, generator=generator)
+        mask.scatter_(2, force, True)
+        context = None
+        if cfg.context_noise > 0:
+            noise = torch.rand(b, t, n, device=dev, generator=generator) < cfg.context_noise
+            rand_tok = torch.randint(0, self.vocab, (b, t, n), device=dev, generator=generator)
+            context = torch.where(noise, rand_tok, tokens)
+        logits = self(tokens, actions, mask, context)
+        target = tokens[:, 1:]
+        ce = F.cross_entropy(logits[mask].float(), target[mask])
+        with torch.no_grad():
+            acc = (logits[mask].argmax(-1) == target[mask]).float().mean()
+        return ce, {"dyn_ce": ce.detach(), "dyn_acc": acc}
+
+    # ------------------------------------------------------------------ play (cached)
+    def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                  ) -> KVCache:
+        cfg = self.config
+        cap = max(self.window - 1, 1)
+        heads = cfg.dynamics_num_heads
+        dh = cfg.dynamics_dim // heads
+        shape = (cfg.dynamics_depth, batch, self.num_tokens, heads, cap, dh)
+        return KVCache(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            age=torch.zeros(batch, cap, dtype=torch.long, device=device),
+            ptr=torch.zeros(batch, dtype=torch.long, device=device),
+        )
+
+    def _step_bias(self, cache: KVCache, rows: torch.Tensor | None, blk: STBlock) -> torch.Tensor:
+        age = cache.age if rows is None else cache.age[rows]
+        b = age.shape[0]
+        tb = blk.time_bias  # (H, window)
+        ok = (age > 0) & (age < self.window)
+        past = torch.where(ok[:, None, :], tb[:, age.clamp(0, self.window - 1)].transpose(0, 1), NEG_INF)
+        own = tb[:, :1].expand(b, -1, -1)  # distance 0
+        bias = torch.cat([past, own], dim=2)  # (b, H, c+1)
+        return bias[:, None, :, None, :].expand(b, self.num_tokens, -1, -1, -1).reshape(
+            b * self.num_tokens, tb.shape[0], 1, -1)
+
+    def step(self, cache: KVCache, tokens: torch.Tensor, action: torch.Tensor,
+             rows: torch.Tensor | None = None, commit: bool = False) -> torch.Tensor | None:
+        """Run one frame against the cache.
+
+        tokens: (b, n) long (mask_id where masked); action: (b,) long, the latent action leading to this
+        frame (null_action for a prompt's first frame); rows: which cache rows these are (None = all).
+        With commit=False returns (b, n, vocab) logits; with commit=True writes the frame's keys and
+        values to the cache (the frame must be complete) and returns None.
+        """
+        x, a = self._embed(tokens[:, None], action[:, None])
+        b = x.shape[0]
+        for i, blk in enumerate(self.blocks):
+            ck = cache.k[i] if rows is None else cache.k[i][rows]
+            cv = cache.v[i] if rows is None else cache.v[i][rows]
+            x, k, v = blk.forward_step(x, a, ck, cv, self._step_bias(cache, rows, blk))
+            if commit:
+                idx = torch.arange(cache.batch_size, device=x.device) if rows is None else rows
+                ptr = cache.ptr[idx]
+                cache.k[i][idx, :, :, ptr] = k.to(cache.k.dtype)
+                cache.v[i][idx, :, :, ptr] = v.to(cache.v.dtype)
+        if commit:
+            idx = torch.arange(cache.batch_size, device=x.device) if rows is None else rows
+            age = cache.age[idx]
+            age = torch.where(age > 0, age + 1, age)
+            age[torch.arange(b, device=x.device), cache.ptr[idx]] = 1
+            age[age > cache.age.shape[1]] = 0
+            cache.age[idx] = age
+            cache.ptr[idx] = (cache.ptr[idx] + 1) % cache.age.shape[1]
+            return None
+        return self.head(self.norm(x[:, 0]))
+
+    # ------------------------------------------------------------------ MaskGIT
+    def sample_frame(
+        self, cache: KVCache, action: torch.Tensor, steps: int, temperature: float = 1.0, top_k: int = 0,
+        schedule: str = "cosine", generator: torch.Generator | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MaskGIT: start fully masked, sample every masked token, keep the most confident, re-mask the
+        rest, for ``steps`` steps. Confidence gets Gumbel noise scaled by the temperature (annealed to
+        zero), so tokens are revealed in a partly random order: greedy order tends to copy the previous
+        frame. Returns (b, n) long tokens; the cache is not changed."""
+        b = action.shape[0]
+        n = self.num_tokens
+        dev = action.device
+        tokens = torch.full((b, n), self.mask_id, dtype=torch.long, device=dev)
+        masked = torch.ones(b, n, dtype=torch.bool, device=dev)
+        for s in range(steps):
+            logits = self.step(cache, torch.where(masked, self.mask_id, tokens), action, rows=rows).float()
+            sampled, logp = sample_logits(logits, temperature, top_k, generator)
+            tokens = torch.where(masked, sampled, tokens)
+            remain = int(math.floor(n * mask_schedule((s + 1) / steps, schedule)))
+            if remain <= 0:
+                break
+            conf = logp
+            if temperature > 0:
+                anneal = temperature * (1 - (s + 1) / steps)
+                u = torch.rand(b, n, device=dev, generator=generator).clamp_(1e-9, 1 - 1e-9)
+                conf = conf + anneal * -torch.log(-torch.log(u))
+            conf = torch.where(masked, conf, torch.inf)  # already revealed tokens stay revealed
+            lowest = conf.topk(remain, dim=1, largest=False).indices
+            masked = torch.zeros_like(masked).scatter_(1, lowest, True)
+        return tokens
+
+
+def mask_schedule(r: float, kind: str) -> float:
+    """Fraction of tokens still masked after a fraction r of the steps (1 at r=0, 0 at r=1)."""
+    if kind == "cosine":
+        return math.cos(math.pi / 2 * r)
+    if kind == "linear":
+        return 1 - r
+    if kind == "exp":
+        return (math.exp(-5 * r) - math.exp(-5)) / (1 - math.exp(-5))
+    raise ValueError(f"unknown maskgit schedule {kind!r}: use cosine, linear or exp")
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per position from (..., V) logits with the Gumbel-max trick (batched, seeded).
+    Returns the tokens and their log-probabilities under the unscaled distribution."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature <= 0:
+        tok = logits.argmax(-1)
+    else:
+        scores = logits / temperature
+        if 0 < top_k < logits.shape[-1]:
+            kth = scores.topk(top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, NEG_INF)
+        u = torch.rand(scores.shape, device=scores.device, generator=generator).clamp_(1e-9, 1 - 1e-9)
+        tok = (scores - torch.log(-torch.log(u))).argmax(-1)
+    return tok, logp.gather(-1, tok[..., None])[..., 0]

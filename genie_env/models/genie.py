@@ -1,0 +1,221 @@
+"""`Genie`: the video tokenizer, the latent action model and the dynamics model composed behind the
+seed API (generate / play / infer_actions / tokenize / detokenize), plus `GenieSession`, the stateful
+rollout that the environment steps.
+
+Axes: b batch, c channels (3), t time, H W pixels, h w token grid, n tokens per frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from genie_env.config import GenieConfig
+from genie_env.hub import HubMixin
+from genie_env.models.dynamics import DynamicsModel
+from genie_env.models.latent_actions import LatentActionModel
+from genie_env.models.tokenizer import VideoTokenizer
+from genie_env.validation import check_actions, check_frames, check_tokens
+
+__all__ = ["Genie", "GenieSession"]
+
+
+class Genie(nn.Module, HubMixin):
+    """A Genie world model. Frames are float tensors in [0, 1] of shape (B, 3, H, W) or (B, 3, T, H, W).
+
+    Example:
+        >>> model = Genie.from_pretrained()           # the shipped default model
+        >>> frames = model.generate(prompt, num_frames=16)
+        >>> session = model.start(prompt); next_frame = session.step(torch.tensor([3]))
+    """
+
+    def __init__(self, config: GenieConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or GenieConfig()
+        self.tokenizer = VideoTokenizer(self.config)
+        self.latent_actions = LatentActionModel(self.config)
+        self.dynamics = DynamicsModel(self.config)
+        self.autocast_dtype: torch.dtype | None = None
+        """Set to torch.bfloat16 for bf16 inference (faster on CPUs with AVX-512 bf16)."""
+        self.extra_files: dict[str, Path] = {}
+        """Files shipped with a loaded checkpoint (prompt bank, action map), by name."""
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def num_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        parts = {"tokenizer": count(self.tokenizer), "latent_actions": count(self.latent_actions),
+                 "dynamics": count(self.dynamics)}
+        parts["total"] = sum(parts.values())
+        return parts
+
+    # ------------------------------------------------------------------ seed API
+    @torch.inference_mode()
+    def tokenize(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) long tokens."""
+        frames = check_frames(frames, self.config, "frames", video=True, device=self.device)
+        with self._autocast():
+            return self.tokenizer.encode(frames)
+
+    @torch.inference_mode()
+    def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, h, w) long tokens -> (B, 3, T, H, W) frames in [0, 1]."""
+        tokens = check_tokens(tokens, self.config, "tokens", device=self.device)
+        with self._autocast():
+            return self.tokenizer.decode(tokens).float()
+
+    @torch.inference_mode()
+    def infer_actions(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) frames, T >= 2 -> (B, T-1) long latent actions in [0, action_vocab_size)."""
+        frames = check_frames(frames, self.config, "frames", video=True, min_frames=2, device=self.device)
+        with self._autocast():
+            return self.latent_actions.infer(frames)
+
+    def start(
+        self, prompt: torch.Tensor, generator: torch.Generator | None = None, maskgit_steps: int | None = None,
+        temperature: float | None = None, top_k: int | None = None,
+    ) -> GenieSession:
+        """Begin a rollout from prompt frames (B, 3, H, W) or (B, 3, T0, H, W); see `GenieSession`."""
+        return GenieSession(self, prompt, generator=generator, maskgit_steps=maskgit_steps,
+                            temperature=temperature, top_k=top_k)
+
+    @torch.inference_mode()
+    def play(self, current_frame: torch.Tensor, action: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) frame and (B,) latent actions -> the next frame (B, 3, H, W).
+
+        Stateless: the frame is the whole context. For multi-step play keep a `start` session instead.
+        """
+        frame = check_frames(current_frame, self.config, "current_frame", video=False, device=self.device)
+        return self.start(frame, generator=generator).step(action)
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, num_frames: int, actions: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, maskgit_steps: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None) -> torch.Tensor:
+        """Roll out from a prompt (B, 3, H, W) or (B, 3, T0, H, W) to (B, 3, num_frames, H, W).
+
+        The first T0 output frames are the prompt. ``actions`` (B, num_frames - T0) are the latent actions
+        of the generated steps; None draws them uniformly from ``generator``.
+        """
+        prompt = check_frames(prompt, self.config, "prompt", video=None, device=self.device)
+        if prompt.dim() == 4:
+            prompt = prompt[:, :, None]
+        b, t0 = prompt.shape[0], prompt.shape[2]
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < t0:
+            raise ValueError(f"num_frames must be an int >= the prompt's {t0} frame(s), got {num_frames!r}")
+        n_new = num_frames - t0
+        if actions is None:
+            actions = torch.randint(0, self.config.action_vocab_size, (b, n_new), generator=generator,
+                                    device="cpu" if generator is None else generator.device).to(self.device)
+        else:
+            actions = check_actions(actions, self.config, "actions", shape=(b, n_new), device=self.device)
+        session = self.start(prompt, generator=generator, maskgit_steps=maskgit_steps,
+                             temperature=temperature, top_k=top_k)
+        out = [prompt]
+        for i in range(n_new):
+            out.append(session.step(actions[:, i])[:, :, None])
+        return torch.cat(out, dim=2)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> Genie:
+        from genie_env.presets import preset_config
+
+        return cls(preset_config(name, **overrides))
+
+
+class GenieSession:
+    """A rollout that keeps its context: each `step` samples one frame with MaskGIT against the cached
+    keys and values of past frames (at most ``context_frames - 1`` of them), so a step costs the same at
+    step 10 and step 10,000.
+
+    Rows of the batch are independent: `reset_rows` restarts some rows from new prompts while the others
+    go on (the vector environment's autoreset).
+    """
+
+    def __init__(self, model: Genie, prompt: torch.Tensor, generator: torch.Generator | None = None,
+                 maskgit_steps: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None) -> None:
+        cfg = model.config
+        self.model = model
+        self.generator = generator
+        self.maskgit_steps = int(maskgit_steps if maskgit_steps is not None else cfg.maskgit_steps)
+        self.temperature = float(temperature if temperature is not None else cfg.temperature)
+        self.top_k = int(top_k if top_k is not None else cfg.top_k)
+        if self.maskgit_steps < 1:
+            raise ValueError(f"maskgit_steps must be >= 1, got {self.maskgit_steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.top_k <= cfg.tokenizer_vocab_size:
+            raise ValueError(f"top_k must be in [0, {cfg.tokenizer_vocab_size}], got {self.top_k}")
+        prompt = check_frames(prompt, cfg, "prompt", video=None, device=model.device)
+        if prompt.dim() == 4:
+            prompt = prompt[:, :, None]
+        self.batch_size = prompt.shape[0]
+        self.cache = model.dynamics.new_cache(self.batch_size, device=model.device)
+        self.steps = torch.zeros(self.batch_size, dtype=torch.long)
+        self._prime(prompt, None)
+
+    @torch.inference_mode()
+    def _prime(self, prompt: torch.Tensor, rows: torch.Tensor | None) -> None:
+        """Encode prompt frames (b, 3, T0, H, W) into the cache rows (all rows when None)."""
+        m = self.model
+        dyn = m.dynamics
+        with m._autocast():
+            tokens = m.tokenizer.encode(prompt).flatten(2)  # (b, T0, n)
+            b, t0 = tokens.shape[:2]
+            acts = torch.full((b, t0), dyn.null_action, dtype=torch.long, device=tokens.device)
+            if t0 > 1:
+                acts[:, 1:] = m.latent_actions.infer(prompt)
+            for t in range(t0):
+                dyn.step(self.cache, tokens[:, t], acts[:, t], rows=rows, commit=True)
+        self.last_frame = prompt[:, :, -1].clone() if rows is None else self.last_frame
+        if rows is not None:
+            self.last_frame[rows] = prompt[:, :, -1]
+
+    @torch.inference_mode()
+    def step(self, action: torch.Tensor) -> torch.Tensor:
+        """Advance every row by one frame under latent actions (B,) long; returns frames (B, 3, H, W)."""
+        m = self.model
+        action = check_actions(action, m.config, "action", shape=(self.batch_size,), device=m.device)
+        with m._autocast():
+            tokens = m.dynamics.sample_frame(
+                self.cache, action, self.maskgit_steps, self.temperature, self.top_k,
+                m.config.maskgit_schedule, self.generator,
+            )
+            m.dynamics.step(self.cache, tokens, action, commit=True)
+            grid = m.config.token_grid
+            frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid))[:, :, 0].float()
+        self.last_frame = frame
+        self.last_tokens = tokens
+        self.steps += 1
+        return frame
+
+    @torch.inference_mode()
+    def reset_rows(self, rows: torch.Tensor, prompt: torch.Tensor) -> None:
+        """Restart the given rows (long indices or a (B,) bool mask) from prompt frames (k, 3, [T0,] H, W)."""
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero()[:, 0]
+        rows = rows.to(self.cache.age.device)
+        prompt = check_frames(prompt, self.model.config, "prompt", video=None, device=self.model.device)
+        if prompt.dim() == 4:
+            prompt = prompt[:, :, None]
+        if prompt.shape[0] != rows.numel():
+            raise ValueError(f"prompt has {prompt.shape[0]} rows for {rows.numel()} rows to reset")
+        if rows.numel() == 0:
+            return
+        self.cache.clear(rows)
+        self._prime(prompt, rows)
+        self.steps[rows.cpu()] = 0

@@ -1,0 +1,107 @@
+"""Latent action model: infers which of ``action_vocab_size`` discrete actions explains a transition
+(Genie §2.2, pixel-input variant, which the paper found more controllable than token input).
+
+Axes: b batch, c channels, t time, H W pixels, k context frames.
+
+The encoder sees the ``lam_context_frames`` frames up to x_t and the next frame x_{t+1}; its output is
+quantized to one of ``action_vocab_size`` codes; the decoder predicts x_{t+1} from the same context
+frames and the code alone. The context matters in a game with momentum: from x_t alone the decoder
+cannot tell the velocity, so the code would have to carry it; with x_{t-1} as well, what is left for the
+code is the change the action caused. Loss (seed): reconstruction + codebook + beta * commitment, minus a
+small bonus on the entropy of the batch's mean code assignment, against collapse onto few codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from genie_env.config import GenieConfig
+from genie_env.models.blocks import ConvDecoder, ConvEncoder
+from genie_env.models.quantizer import VectorQuantizer
+
+
+@dataclass
+class LatentActionOutput:
+    actions: torch.Tensor
+    """(B, T-1) long latent action per transition."""
+    prediction: torch.Tensor
+    """(B, 3, T-1, H, W) predicted next frames."""
+    loss: torch.Tensor
+    recon_loss: torch.Tensor
+    perplexity: torch.Tensor
+
+
+def context_stack(frames: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 3, T, H, W) -> (B, T-1, 3k, H, W): for each transition t -> t+1 the k frames ending at x_t,
+    the first frame repeated where the clip has fewer."""
+    t = frames.shape[2]
+    pad = frames[:, :, :1].expand(-1, -1, k - 1, -1, -1)
+    padded = torch.cat([pad, frames], dim=2)  # frame i of the clip is at i + k - 1
+    ctx = torch.stack([padded[:, :, i : i + k] for i in range(t - 1)], dim=1)  # (B, T-1, 3, k, H, W)
+    return rearrange(ctx, "b t c k H W -> b t (k c) H W")
+
+
+class LatentActionModel(nn.Module):
+    def __init__(self, config: GenieConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, k = config.in_channels, config.lam_context_frames
+        levels = config.tokenizer_patch_size.bit_length() - 1
+        grid = config.image_size // config.tokenizer_patch_size
+        width = config.lam_channels
+        self.encoder = ConvEncoder(c * (k + 1), width, width, levels, 1)
+        self.to_latent = nn.Linear(width * grid * grid, config.lam_latent_dim)
+        self.quantizer = VectorQuantizer(config.action_vocab_size, config.lam_latent_dim, ema_decay=0.0,
+                                         dead_code_threshold=0.5)
+        self.context_encoder = ConvEncoder(c * k, width, width, levels, 1)
+        self.action_film = nn.Linear(config.lam_latent_dim, 2 * width)
+        self.decoder = ConvDecoder(width, c, width, levels, 1)
+
+    def _encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-quantization latents (B*(T-1), d) and context stacks (B*(T-1), 3k, H, W)."""
+        x = frames * 2 - 1
+        ctx = context_stack(x, self.config.lam_context_frames)
+        nxt = rearrange(x[:, :, 1:], "b c t H W -> b t c H W")
+        enc_in = rearrange(torch.cat([ctx, nxt], dim=2), "b t c H W -> (b t) c H W")
+        z = self.to_latent(self.encoder(enc_in).flatten(1))
+        return z, rearrange(ctx, "b t c H W -> (b t) c H W")
+
+    @torch.no_grad()
+    def infer(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) frames in [0, 1] -> (B, T-1) long latent actions."""
+        z, _ = self._encode(frames)
+        return self.quantizer.nearest(z).view(frames.shape[0], frames.shape[2] - 1)
+
+    def decode(self, context: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """Predict x_{t+1} in [-1, 1] from context stacks (N, 3k, H, W) and code vectors (N, d)."""
+        h = self.context_encoder(context)
+        scale, shift = self.action_film(code.to(h.dtype)).chunk(2, dim=1)
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        last = context[:, -self.config.in_channels :]
+        # predict the change from x_t, so the code only has to explain what changed
+        return last + self.decoder(h)
+
+    def forward(self, frames: torch.Tensor) -> LatentActionOutput:
+        b, _, t = frames.shape[:3]
+        z, ctx = self._encode(frames)
+        q = self.quantizer(z, return_probs=self.config.lam_entropy_weight > 0)
+        pred = self.decode(ctx, q.quantized)
+        target = rearrange(frames[:, :, 1:] * 2 - 1, "b c t H W -> (b t) c H W")
+        recon = F.mse_loss(pred.float(), target)
+        loss = recon + q.codebook_loss + self.config.lam_beta * q.commitment_loss
+        if q.probs is not None:
+            mean = q.probs.mean(0)
+            entropy = -(mean * torch.log(mean + 1e-10)).sum()
+            loss = loss - self.config.lam_entropy_weight * entropy / torch.log(torch.tensor(float(mean.numel())))
+        return LatentActionOutput(
+            actions=q.indices.view(b, t - 1),
+            prediction=rearrange(((pred.detach().float() + 1) / 2).clamp(0, 1), "(b t) c H W -> b c t H W", b=b),
+            loss=loss,
+            recon_loss=recon,
+            perplexity=q.perplexity,
+        )

@@ -1,0 +1,250 @@
+"""The model library: shapes, round trips, caching, action alignment, determinism, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+from genie_env import ConfigError, Genie, GenieConfig, create_genie_large, create_genie_small
+from genie_env.models.dynamics import mask_schedule
+
+
+def frames(b=2, t=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, t, size, size, generator=g)
+
+
+def blocky(b=2, t=4, size=16, seed=0):
+    """Frames of flat 4x4 blocks of a few colours, like pixel art."""
+    g = torch.Generator().manual_seed(seed)
+    low = (torch.rand(b, 3, t, size // 4, size // 4, generator=g) > 0.5).float() * 0.8 + 0.1
+    return low.repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+
+# ---------------------------------------------------------------------------------------------- API shapes
+def test_seed_api_shapes(tiny):
+    x = frames()
+    tok = tiny.tokenize(x)
+    assert tok.shape == (2, 4, 4, 4) and tok.dtype == torch.long
+    assert int(tok.max()) < tiny.config.tokenizer_vocab_size
+    rec = tiny.detokenize(tok)
+    assert rec.shape == x.shape and float(rec.min()) >= 0 and float(rec.max()) <= 1
+    acts = tiny.infer_actions(x)
+    assert acts.shape == (2, 3) and acts.dtype == torch.long
+    assert int(acts.min()) >= 0 and int(acts.max()) < 8
+    out = tiny.generate(x[:, :, 0], num_frames=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 5, 16, 16)
+    assert torch.equal(out[:, :, 0], x[:, :, 0])  # the prompt comes back unchanged
+    out = tiny.generate(x[:, :, :2], num_frames=5, actions=torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    assert out.shape == (2, 3, 5, 16, 16) and torch.equal(out[:, :, :2], x[:, :, :2])
+    nxt = tiny.play(x[:, :, 0], torch.tensor([3, 4]))
+    assert nxt.shape == (2, 3, 16, 16)
+
+
+def test_session_steps_and_row_reset(tiny):
+    x = frames(b=3)
+    s = tiny.start(x[:, :, 0], generator=torch.Generator().manual_seed(1))
+    for _ in range(6):  # more steps than context_frames: the window slides
+        f = s.step(torch.tensor([0, 1, 2]))
+    assert f.shape == (3, 3, 16, 16)
+    assert s.cache.frames().tolist() == [3, 3, 3]  # capped at context_frames - 1
+    s.reset_rows(torch.tensor([1]), x[1:2, :, 1])
+    assert s.cache.frames().tolist() == [3, 1, 3]
+    assert s.steps.tolist() == [6, 0, 6]
+    s.step(torch.tensor([0, 1, 2]))
+    assert s.cache.frames().tolist() == [3, 2, 3]
+
+
+def test_presets_sizes():
+    small = create_genie_small(num_frames=16, image_size=64)
+    n = small.num_parameters()["total"]
+    assert 40e6 < n < 60e6, n
+    large = create_genie_large(device="meta")
+    assert all(p.device.type == "meta" for p in large.parameters())
+    n = large.num_parameters()["total"]
+    assert 10e9 < n < 12e9, n
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_config_validation_names_field(tmp_path):
+    with pytest.raises(ConfigError, match="dynamics_dim"):
+        GenieConfig(dynamics_dim=10_000_000)
+    with pytest.raises(ConfigError, match="dynamics_depth"):
+        GenieConfig(dynamics_depth=-1)
+    with pytest.raises(ConfigError, match="tokenizer_patch_size"):
+        GenieConfig(tokenizer_patch_size=3)
+    with pytest.raises(ConfigError, match="dynamics_num_heads"):
+        GenieConfig(dynamics_dim=100, dynamics_num_heads=3)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        GenieConfig(learning_rate="fast")
+    with pytest.raises(ConfigError, match="unknown config field.*dynamcis_dim"):
+        GenieConfig.from_dict({"dynamcis_dim": 3})
+    cfg = tiny_config(maskgit_steps=7)
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert GenieConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        GenieConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+# ---------------------------------------------------------------------------------------------- dynamics
+def _tokens_actions(model, b=2, t=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    tok = torch.randint(0, cfg.tokenizer_vocab_size, (b, t, cfg.tokens_per_frame), generator=g)
+    acts = torch.randint(0, cfg.action_vocab_size, (b, t - 1), generator=g)
+    return tok, acts
+
+
+@torch.no_grad()
+def test_cached_step_equals_full_recompute(tiny):
+    dyn = tiny.dynamics
+    t = tiny.config.context_frames  # the whole window
+    tok, acts = _tokens_actions(tiny, t=t)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, t - 1, tok.shape[2], generator=g) < 0.6
+    full = dyn(tok, acts, mask)  # (B, T-1, n, V): frames 1..T-1, past frames clean
+    cache = dyn.new_cache(2)
+    null = torch.full((2,), dyn.null_action, dtype=torch.long)
+    dyn.step(cache, tok[:, 0], null, commit=True)
+    for i in range(1, t):
+        inp = torch.where(mask[:, i - 1], dyn.mask_id, tok[:, i])
+        cached = dyn.step(cache, inp, acts[:, i - 1])
+        torch.testing.assert_close(cached, full[:, i - 1], atol=2e-5, rtol=1e-4)
+        dyn.step(cache, tok[:, i], acts[:, i - 1], commit=True)
+
+
+@torch.no_grad()
+def test_action_t_conditions_frame_t_plus_1_only(tiny):
+    """a_t (transition t -> t+1) must change the prediction of frame t+1 and later, never frame t."""
+    dyn = tiny.dynamics
+    tok, acts = _tokens_actions(tiny, t=4)
+    mask = torch.ones(2, 3, tok.shape[2], dtype=torch.bool)
+    base = dyn(tok, acts, mask)
+    changed = acts.clone()
+    changed[:, 1] = (changed[:, 1] + 1) % tiny.config.action_vocab_size  # a_1: frame 1 -> frame 2
+    out = dyn(tok, changed, mask)
+    # logits index i is frame i+1
+    torch.testing.assert_close(out[:, 0], base[:, 0])  # frame 1 does not see a_1
+    assert not torch.allclose(out[:, 1], base[:, 1])  # frame 2 does
+
+
+@torch.no_grad()
+def test_temporal_attention_is_causal(tiny):
+    dyn = tiny.dynamics
+    tok, acts = _tokens_actions(tiny, t=4)
+    mask = torch.ones(2, 3, tok.shape[2], dtype=torch.bool)
+    base = dyn(tok, acts, mask)
+    future = tok.clone()
+    future[:, 3] = (future[:, 3] + 1) % tiny.config.tokenizer_vocab_size
+    out = dyn(future, acts, mask)
+    torch.testing.assert_close(out[:, :2], base[:, :2])  # frames 1, 2 never see frame 3
+
+
+def test_generate_is_seeded(tiny):
+    x = frames()[:, :, 0]
+    a = tiny.generate(x, 4, generator=torch.Generator().manual_seed(5))
+    b = tiny.generate(x, 4, generator=torch.Generator().manual_seed(5))
+    c = tiny.generate(x, 4, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_maskgit_schedules_reach_zero():
+    for kind in ("cosine", "linear", "exp"):
+        assert mask_schedule(0.0, kind) == pytest.approx(1.0)
+        assert mask_schedule(1.0, kind) == pytest.approx(0.0, abs=1e-9)
+
+
+@torch.no_grad()
+def test_bf16_inference_close_to_fp32(tiny):
+    x = frames()
+    tok = tiny.tokenize(x)
+    dyn = tiny.dynamics
+    acts = torch.zeros(2, 3, dtype=torch.long)
+    mask = torch.ones(2, 3, 16, dtype=torch.bool)
+    ref = dyn(tok.flatten(2), acts, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = dyn(tok.flatten(2), acts, mask).float()
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+    tiny.autocast_dtype = torch.bfloat16
+    rec_low = tiny.detokenize(tok)
+    tiny.autocast_dtype = None
+    assert (rec_low - tiny.detokenize(tok)).abs().max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def _overfit(module_loss, params, steps=60, lr=3e-3):
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = module_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_each_model_learns_a_tiny_batch():
+    torch.manual_seed(0)
+    model = Genie(tiny_config())
+    x = blocky(b=2, t=4, seed=1)
+    tk = _overfit(lambda: model.tokenizer(x).loss, model.tokenizer.parameters())
+    assert tk[-1] < 0.5 * tk[0], tk
+    la = _overfit(lambda: model.latent_actions(x).recon_loss, model.latent_actions.parameters())
+    assert la[-1] < 0.5 * la[0], la
+    tok, acts = _tokens_actions(model, t=4)
+    dy = _overfit(lambda: model.dynamics.loss(tok, acts)[0], model.dynamics.parameters())
+    assert dy[-1] < 0.5 * dy[0], dy
+
+
+def test_tokenizer_round_trip_after_training():
+    """decode(encode(x)) approaches x once trained (PSNR rises well above the untrained model's)."""
+    from training.metrics import psnr
+
+    torch.manual_seed(0)
+    model = Genie(tiny_config(tokenizer_vocab_size=64))
+    x = blocky(b=2, t=2, seed=2)
+    before = float(psnr(model.detokenize(model.tokenize(x)), x).mean())
+    model.train()
+    _overfit(lambda: model.tokenizer(x).loss, model.tokenizer.parameters(), steps=150)
+    model.eval()
+    after = float(psnr(model.detokenize(model.tokenize(x)), x).mean())
+    assert after > before + 3, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m.tokenize(torch.rand(2, 3, 16, 16)), "frames must have shape"),
+        (lambda m: m.tokenize(torch.rand(1, 3, 2, 32, 32)), "frames must have shape"),
+        (lambda m: m.tokenize(torch.rand(1, 3, 2, 16, 16) * 255), r"frames values must be in \[0, 1\]"),
+        (lambda m: m.tokenize((torch.rand(1, 3, 2, 16, 16) * 255).byte()), "divide uint8"),
+        (lambda m: m.tokenize(torch.full((1, 3, 2, 16, 16), float("nan"))), "NaN"),
+        (lambda m: m.tokenize([1, 2]), "frames must be a torch.Tensor"),
+        (lambda m: m.detokenize(torch.full((1, 1, 4, 4), 999)), r"tokens values must be in \[0, 32\)"),
+        (lambda m: m.detokenize(torch.zeros(1, 1, 5, 5, dtype=torch.long)), "tokens must have shape"),
+        (lambda m: m.detokenize(torch.zeros(1, 1, 4, 4)), "tokens must be an integer tensor"),
+        (lambda m: m.infer_actions(torch.rand(1, 3, 1, 16, 16)), "at least 2 frames"),
+        (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([8])), r"action values must be latent actions in \[0, 8\)"),
+        (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([-1])), "latent actions"),
+        (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([0.5])), "integer"),
+        (lambda m: m.play(torch.rand(2, 3, 16, 16), torch.tensor([1])), r"action must have shape \(2\)"),
+        (lambda m: m.generate(torch.rand(1, 3, 16, 16), 4, actions=torch.zeros(1, 2, dtype=torch.long)),
+         r"actions must have shape \(1, 3\)"),
+        (lambda m: m.generate(torch.rand(1, 3, 2, 16, 16), 1), "num_frames must be an int >="),
+        (lambda m: m.start(torch.rand(1, 3, 16, 16), maskgit_steps=0), "maskgit_steps"),
+    ],
+)
+def test_bad_inputs_name_the_argument(tiny, call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(tiny)
+
+
+def test_tiny_model_helper_is_seeded():
+    a, b = tiny_model(seed=1), tiny_model(seed=1)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)

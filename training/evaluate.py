@@ -1,0 +1,223 @@
+"""Evaluate a Genie checkpoint with every metric of EVALUATION.md.
+
+    python -m training.evaluate --checkpoint weights --data data/coinrun-val --json eval.json
+
+Clips: 16 consecutive frames from the validation videos (never crossing a video, so never an episode
+boundary), up to ``--clips`` of them spread evenly over the videos. The true game actions recorded beside
+each video are used only for the action-alignment metric (NMI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genie_env import Genie
+from training.data import FrameCache, load_actions
+from training.metrics import nmi, perplexity, psnr
+
+CLIP = 16
+
+
+def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int = 128, clip_frames: int = CLIP,
+                    log=print) -> dict:
+    """Deterministic evaluation clips: {"frames": (N, 3, T, H, W) float, "groups": (N, T-1) str or None}."""
+    cache = FrameCache(data_dir, image_size, log=log)
+    usable = [i for i, e in enumerate(cache.videos) if e.frames >= clip_frames]
+    if not usable:
+        raise ValueError(f"no video in {data_dir} has {clip_frames} frames")
+    per_video = max(1, -(-num_clips // len(usable)))
+    picks: list[tuple[int, int]] = []
+    for i in usable:
+        n = cache.videos[i].frames
+        windows = n // clip_frames
+        take = min(per_video, windows)
+        # spread the clips over the video
+        for j in range(take):
+            picks.append((i, (j * windows // take) * clip_frames))
+    picks = picks[:num_clips] if len(picks) > num_clips else picks
+    frames, groups = [], []
+    have_groups = True
+    for i, start in picks:
+        frames.append(cache.clip(i, start, clip_frames))
+        meta = load_actions(data_dir, cache.videos[i].name)
+        if meta and "action_groups" in meta:
+            groups.append(meta["action_groups"][start : start + clip_frames - 1])
+        else:
+            have_groups = False
+    x = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).float().div(255)
+    return {"frames": x, "groups": np.array(groups) if have_groups else None}
+
+
+def _batches(n: int, bs: int):
+    for i in range(0, n, bs):
+        yield slice(i, min(n, i + bs))
+
+
+@torch.no_grad()
+def tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> dict:
+    ps, toks = [], []
+    for sl in _batches(x.shape[0], bs):
+        t = model.tokenize(x[sl])
+        toks.append(t)
+        ps.append(psnr(model.detokenize(t), x[sl]))
+    tok = torch.cat(toks)
+    return {"tokenizer_psnr": float(torch.cat(ps).mean()),
+            "codebook_usage": float(tok.unique().numel() / model.config.tokenizer_vocab_size),
+            "_tokens": tok}
+
+
+@torch.no_grad()
+def action_metrics(model: Genie, x: torch.Tensor, groups: np.ndarray | None, bs: int = 16) -> dict:
+    acts = torch.cat([model.infer_actions(x[sl]) for sl in _batches(x.shape[0], bs)])
+    res = {"latent_action_perplexity": perplexity(acts.numpy(), model.config.action_vocab_size), "_actions": acts}
+    if groups is not None:
+        res["action_nmi"] = nmi(acts.numpy(), groups)
+    return res
+
+
+@torch.no_grad()
+def rollout(model: Genie, x: torch.Tensor, actions: torch.Tensor, steps: int, seed: int, bs: int = 32,
+            maskgit_steps: int | None = None, temperature: float | None = None) -> torch.Tensor:
+    """Prompt with frame 0, generate ``steps`` frames under ``actions`` -> (N, 3, steps + 1, H, W)."""
+    outs = []
+    for k, sl in enumerate(_batches(x.shape[0], bs)):
+        g = torch.Generator().manual_seed(seed + k)
+        outs.append(model.generate(x[sl, :, 0], steps + 1, actions=actions[sl, :steps], generator=g,
+                                   maskgit_steps=maskgit_steps, temperature=temperature))
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def dynamics_metrics(model: Genie, x: torch.Tensor, actions: torch.Tensor, tokens: torch.Tensor, seed: int = 0,
+                     horizons=(4, 15), maskgit_steps: int | None = None, temperature: float | None = None) -> dict:
+    res: dict = {}
+    h_max = max(horizons)
+    gen = rollout(model, x, actions, h_max, seed, maskgit_steps=maskgit_steps, temperature=temperature)
+    codec_prompt = model.detokenize(tokens[:, :1])[:, :, 0]
+    for t in horizons:
+        truth = x[:, :, t]
+        res[f"rollout_psnr@{t}"] = float(psnr(gen[:, :, t], truth).mean())
+        res[f"pixel_copy_psnr@{t}"] = float(psnr(x[:, :, 0], truth).mean())
+        res[f"codec_copy_psnr@{t}"] = float(psnr(codec_prompt, truth).mean())
+        res[f"gain_over_copy@{t}"] = res[f"rollout_psnr@{t}"] - max(res[f"pixel_copy_psnr@{t}"],
+                                                                    res[f"codec_copy_psnr@{t}"])
+    g = torch.Generator().manual_seed(seed + 12345)
+    rand_actions = torch.randint(0, model.config.action_vocab_size, actions.shape, generator=g)
+    gen_r = rollout(model, x, rand_actions, 4, seed, maskgit_steps=maskgit_steps, temperature=temperature)
+    res["rollout_psnr@4_random_actions"] = float(psnr(gen_r[:, :, 4], x[:, :, 4]).mean())
+    res["delta_t_psnr@4"] = res["rollout_psnr@4"] - res["rollout_psnr@4_random_actions"]
+    res["_rollout"] = gen
+    return res
+
+
+def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None = None,
+             temperature: float | None = None, dynamics: bool = True) -> dict:
+    x, groups = clips["frames"], clips["groups"]
+    t0 = time.time()
+    res = {"clips": int(x.shape[0])}
+    tm = tokenizer_metrics(model, x)
+    am = action_metrics(model, x, groups)
+    res.update({k: v for k, v in tm.items() if not k.startswith("_")})
+    res.update({k: v for k, v in am.items() if not k.startswith("_")})
+    if dynamics:
+        dm = dynamics_metrics(model, x, am["_actions"], tm["_tokens"], seed=seed, maskgit_steps=maskgit_steps,
+                              temperature=temperature)
+        res.update({k: v for k, v in dm.items() if not k.startswith("_")})
+        res["_rollout"] = dm["_rollout"]
+        res["maskgit_steps"] = int(maskgit_steps or model.config.maskgit_steps)
+        res["temperature"] = float(model.config.temperature if temperature is None else temperature)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+@torch.no_grad()
+def evaluate_stage(model: Genie, stage: str, clips: dict, samples_to: Path | None = None) -> dict:
+    """Validation during training: the metrics that the stage can move."""
+    x = clips["frames"]
+    if stage == "tokenizer":
+        tm = tokenizer_metrics(model, x)
+        if samples_to:
+            n = min(8, x.shape[0])
+            save_strip(torch.stack([x[:n, :, 0], model.detokenize(tm["_tokens"][:n, :1])[:, :, 0]], 1),
+                       samples_to.with_suffix(".png"))
+        return {k: v for k, v in tm.items() if not k.startswith("_")}
+    if stage == "lam":
+        res = {k: v for k, v in action_metrics(model, x, clips["groups"]).items() if not k.startswith("_")}
+        out = model.latent_actions(x)
+        res["lam_pred_psnr"] = float(psnr(out.prediction, x[:, :, 1:]).mean())
+        res["lam_copy_psnr"] = float(psnr(x[:, :, :-1], x[:, :, 1:]).mean())
+        return res
+    sub = {"frames": x[:16], "groups": None if clips["groups"] is None else clips["groups"][:16]}
+    res = evaluate(model, sub)
+    gen = res.pop("_rollout")
+    if samples_to:
+        save_strip(torch.stack([x[:4, :, : gen.shape[2]], gen[:4]], 1).flatten(0, 1).transpose(1, 2),
+                   samples_to.with_suffix(".png"))
+    return res
+
+
+def save_strip(frames: torch.Tensor, path: Path, scale: int = 2) -> None:
+    """Save (rows, cols, 3, H, W) frames in [0, 1] as one PNG grid."""
+    from PIL import Image
+
+    rows, cols, _, h, w = frames.shape
+    grid = frames.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    img = Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy())
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def print_table(res: dict) -> None:
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        if k.startswith("_"):
+            continue
+        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help="release folder or hub repo id (default: shipped model)")
+    p.add_argument("--data", type=Path, required=True, help="validation dataset folder")
+    p.add_argument("--clips", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--maskgit-steps", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--strip", type=Path, default=None, help="save a rollout strip PNG here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = Genie.from_pretrained(a.checkpoint)
+    if a.bf16:
+        model.autocast_dtype = torch.bfloat16
+    clips = load_eval_clips(a.data, model.config.image_size, num_clips=a.clips)
+    res = evaluate(model, clips, seed=a.seed, maskgit_steps=a.maskgit_steps, temperature=a.temperature)
+    res["threads"] = torch.get_num_threads()
+    res["bf16"] = a.bf16
+    res["checkpoint"] = str(a.checkpoint or "shipped default")
+    res["data"] = str(a.data)
+    gen = res.pop("_rollout", None)
+    print_table(res)
+    if a.strip is not None and gen is not None:
+        x = clips["frames"]
+        save_strip(torch.stack([x[:4], gen[:4]], 1).flatten(0, 1).transpose(1, 2), a.strip)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,540 @@
+"""Train a Genie from a folder of videos.
+
+    python -m training.train --config configs/coinrun-cpu.yaml --data DATA --out RUN [key=value ...]
+    python -m training.train --config ... --data DATA --out RUN --resume          # continue where it stopped
+    torchrun --nproc_per_node 2 -m training.train --config ... --data DATA --out RUN   # several processes
+
+Stages, in order (``--stage`` runs one): ``tokenizer`` (VQ-VAE on single frames), ``lam`` (the latent
+action model alone) and ``dynamics`` (the dynamics model on the frozen tokenizer's tokens and the latent
+actions, the latent action model co-trained with it unless ``cotrain_lam: false``, as in the paper).
+
+The config YAML holds `GenieConfig` fields, plus optional ``stages: {tokenizer: {...}, lam: {...},
+dynamics: {...}}`` with per-stage training settings (batch_size, learning_rate, max_steps, num_frames,
+...). Overrides: ``key=value`` for a config field, ``stages.dynamics.max_steps=100`` for a stage.
+
+Each stage writes to RUN/<stage>/: ``checkpoint.pt`` (resume state, atomic), ``release/`` (loadable with
+``Genie.from_pretrained``), ``metrics.csv``, ``tb/`` (TensorBoard) and ``samples/`` (images to look at).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from genie_env import Genie, GenieConfig
+from genie_env.config import ConfigError
+from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
+from training.data import ClipSampler, DatasetError, FrameCache, to_tensor
+
+STAGES = ("tokenizer", "lam", "dynamics")
+# Fields a stage may override: training settings only, never the architecture.
+STAGE_FIELDS = {
+    "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs", "grad_clip",
+    "num_frames", "bf16", "gradient_checkpointing", "mask_rate_min", "mask_rate_max", "context_noise",
+    "lam_entropy_weight", "lam_beta", "lambda_action", "lambda_dynamics", "tokenizer_commitment",
+}
+STAGE_EXTRA = {"cotrain_lam": True}
+
+
+@dataclass
+class TrainArgs:
+    """Command-line arguments of `python -m training.train`."""
+
+    config: Path
+    """YAML config (GenieConfig fields + optional `stages:`)."""
+    data: Path
+    """Dataset folder (DATA/videos/*.mp4)."""
+    out: Path
+    """Run folder."""
+    val_data: Path | None = None
+    """Validation dataset (other levels); metrics of EVALUATION.md are computed on it."""
+    stage: str = "all"
+    """tokenizer, lam, dynamics, or all."""
+    resume: bool = False
+    """Continue from RUN/<stage>/checkpoint.pt."""
+    init_from: Path | None = None
+    """Release folder to start the stage's model from (default: the previous stage's release)."""
+    checkpoint_every: int = 1000
+    """Save a resume checkpoint every this many steps ..."""
+    checkpoint_minutes: float = 10.0
+    """... and at least every this many minutes."""
+    log_every: int = 20
+    """Write metrics every this many steps."""
+    val_every: int = 2000
+    """Validate every this many steps (0 = only at the end)."""
+    val_clips: int = 32
+    """Validation clips."""
+    device: str = "auto"
+    """cpu, cuda, or auto."""
+    threads: int = 0
+    """CPU threads (0 = all cores)."""
+    progress: bool = True
+    """Show a progress bar."""
+    overrides: list[str] = field(default_factory=list)
+    """key=value overrides."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+def parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_run_config(path: Path, overrides: list[str]) -> tuple[GenieConfig, dict[str, dict[str, Any]]]:
+    """The model config and per-stage settings from YAML + overrides; errors name the bad key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config fields")
+    stages = data.pop("stages", None) or {}
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key=value")
+        key, val = ov.split("=", 1)
+        parts = key.split(".")
+        if parts[0] == "stages":
+            if len(parts) != 3:
+                raise ConfigError(f"stage override {key!r} must look like stages.<stage>.<field>=value")
+            stages.setdefault(parts[1], {})[parts[2]] = parse_value(val)
+        else:
+            data[key] = parse_value(val)
+    config = GenieConfig.from_dict(data)
+    out: dict[str, dict[str, Any]] = {}
+    for name, ov in stages.items():
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r} in stages: use {', '.join(STAGES)}")
+        ov = dict(ov or {})
+        bad = sorted(set(ov) - STAGE_FIELDS - set(STAGE_EXTRA))
+        if bad:
+            raise ConfigError(f"stages.{name} cannot set {', '.join(bad)}: a stage may only set "
+                              f"{', '.join(sorted(STAGE_FIELDS | set(STAGE_EXTRA)))}")
+        out[name] = ov
+    for name in STAGES:
+        out.setdefault(name, {})
+        model_ov = {k: v for k, v in out[name].items() if k in STAGE_FIELDS}
+        config.replace(**model_ov)  # validates the stage's values now, not hours later
+    return config, out
+
+
+def stage_config(config: GenieConfig, stage_ov: dict[str, Any]) -> tuple[GenieConfig, dict[str, Any]]:
+    extra = {k: stage_ov.get(k, v) for k, v in STAGE_EXTRA.items()}
+    return config.replace(**{k: v for k, v in stage_ov.items() if k in STAGE_FIELDS}), extra
+
+
+# ---------------------------------------------------------------------------------------------- stages
+class StageModule(nn.Module):
+    """The loss of one stage as a module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, genie: Genie, stage: str, cfg: GenieConfig, cotrain_lam: bool) -> None:
+        super().__init__()
+        self.genie = genie
+        self.stage = stage
+        self.cfg = cfg
+        self.cotrain_lam = cotrain_lam
+        for p in genie.parameters():
+            p.requires_grad_(False)
+        for p in self.trained_parameters():
+            p.requires_grad_(True)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        g = self.genie
+        if self.stage == "tokenizer":
+            return list(g.tokenizer.parameters())
+        if self.stage == "lam":
+            return list(g.latent_actions.parameters())
+        params = list(g.dynamics.parameters())
+        if self.cotrain_lam:
+            params += list(g.latent_actions.parameters())
+        return params
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g, cfg = self.genie, self.cfg
+        if self.stage == "tokenizer":
+            out = g.tokenizer(frames)
+            return out.loss, {"recon_mse": out.recon_loss.detach(), "perplexity": out.perplexity.detach()}
+        if self.stage == "lam":
+            out = g.latent_actions(frames)
+            return out.loss, {"lam_mse": out.recon_loss.detach(), "lam_perplexity": out.perplexity.detach()}
+        with torch.no_grad():
+            tokens = g.tokenizer.encode(frames).flatten(2)
+        if self.cotrain_lam:
+            lam = g.latent_actions(frames)
+            actions = lam.actions.detach()
+        else:
+            with torch.no_grad():
+                actions = g.latent_actions.infer(frames)
+        ce, m = g.dynamics.loss(tokens, actions)
+        loss = cfg.lambda_dynamics * ce
+        if self.cotrain_lam:
+            loss = loss + cfg.lambda_action * lam.loss
+            m = {**m, "lam_mse": lam.recon_loss.detach(), "lam_perplexity": lam.perplexity.detach()}
+        return loss, m
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------- runner
+class Trainer:
+    def __init__(self, args: TrainArgs, log=print) -> None:
+        self.args = args
+        self.log = log
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main = self.rank == 0
+        if args.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(args.device)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                torch.cuda.set_device(self.device)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        elif self.world > 1 and self.device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+        self.config, self.stage_ov = load_run_config(args.config, args.overrides)
+        self.out = Path(args.out)
+        self.stop_requested = False
+        self.lock = RunLock(self.out) if self.is_main else None
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            if self.stop_requested:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint and stopping")
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def run(self) -> int:
+        if self.lock:
+            self.lock.acquire()
+        try:
+            self._install_signals()
+            stages = STAGES if self.args.stage == "all" else (self.args.stage,)
+            if self.args.stage not in STAGES + ("all",):
+                raise ConfigError(f"--stage must be one of {', '.join(STAGES)} or all, got {self.args.stage!r}")
+            if self.is_main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                import yaml
+
+                (self.out / "config.yaml").write_text(yaml.safe_dump(
+                    {**self.config.to_dict(), "stages": self.stage_ov}, sort_keys=False))
+            for stage in stages:
+                done = self.out / stage / "DONE"
+                if self.args.stage == "all" and done.is_file():
+                    self.log(f"stage {stage}: already finished ({done}), skipping")
+                    continue
+                status = self.run_stage(stage)
+                if status != "done":
+                    return 0
+            return 0
+        finally:
+            if self.lock:
+                self.lock.release()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _initial_model(self, stage: str) -> Genie:
+        src = self.args.init_from
+        if src is None:
+            prev = STAGES[: STAGES.index(stage)]
+            for p in reversed(prev):
+                rel = self.out / p / "release"
+                if (rel / "model.safetensors").is_file():
+                    src = rel
+                    break
+        if src is not None:
+            self.log(f"stage {stage}: starting from {src}")
+            model = Genie.from_pretrained(src)
+            if model.config.to_dict() | {"extra": {}} != self.config.to_dict() | {"extra": {}}:
+                diff = [k for k, v in self.config.to_dict().items()
+                        if k != "extra" and model.config.to_dict().get(k) != v and k in _ARCH_FIELDS]
+                if diff:
+                    raise ConfigError(f"{src} was trained with a different architecture ({', '.join(diff)}) "
+                                      "than the config")
+            model.config = self.config
+            model.tokenizer.config = model.latent_actions.config = model.dynamics.config = self.config
+            return model.train()
+        if stage != "tokenizer":
+            self.log(f"stage {stage}: no earlier stage's release found; starting from random weights")
+        torch.manual_seed(self.config.seed)
+        return Genie(self.config)
+
+    def run_stage(self, stage: str) -> str:
+        args = self.args
+        cfg, extra = stage_config(self.config, self.stage_ov.get(stage, {}))
+        sdir = self.out / stage
+        ckpt_path = sdir / "checkpoint.pt"
+        if self.is_main:
+            (sdir / "samples").mkdir(parents=True, exist_ok=True)
+        state = None
+        if args.resume and ckpt_path.is_file():
+            state = load_checkpoint(ckpt_path)
+            self.log(f"stage {stage}: resuming from {ckpt_path} at step {state['step']}")
+        elif args.resume and args.stage != "all":
+            self.log(f"stage {stage}: no checkpoint at {ckpt_path}; starting the stage from its beginning")
+        elif not args.resume and ckpt_path.is_file():
+            raise RuntimeError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+
+        genie = self._initial_model(stage) if state is None else Genie(self.config)
+        if state is not None:
+            genie.load_state_dict(state["model"])
+        genie.to(self.device).train()
+        module = StageModule(genie, stage, cfg, extra["cotrain_lam"])
+        params = module.trained_parameters()
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+        wrapped: nn.Module = module
+        if self.world > 1:
+            wrapped = nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        cache = FrameCache(args.data, cfg.image_size, log=self.log if self.is_main else (lambda *a: None))
+        sampler = ClipSampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
+                              world_size=self.world)
+        step = 0
+        elapsed = 0.0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"][self.rank] if isinstance(state["sampler"], list)
+                                    else state["sampler"])
+            torch.set_rng_state(state["torch_rng"])
+            step, elapsed = state["step"], state.get("elapsed", 0.0)
+        else:
+            torch.manual_seed(cfg.seed * 1000 + STAGES.index(stage) * 100 + self.rank)
+
+        val = self._val_clips(cfg) if (self.is_main and args.val_data) else None
+        writer = self._writer(sdir) if self.is_main else None
+        csv_path = sdir / "metrics.csv"
+        frames_per_step = cfg.batch_size * cfg.num_frames * self.world
+        steps_per_epoch = max(1, cache.total_frames // frames_per_step)
+        max_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+        bar = None
+        if self.is_main and args.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=max_steps, initial=step, desc=stage, dynamic_ncols=True, mininterval=2.0)
+        last_ckpt_time = time.time()
+        last_good = ckpt_path if ckpt_path.is_file() else None
+        t_log = time.time()
+        steps_since = 0
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        status = "done"
+        while step < max_steps:
+            x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
+            with autocast:
+                loss, metrics = wrapped(x)
+            if not torch.isfinite(loss):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                raise FloatingPointError(
+                    f"stage {stage}: loss became {loss.item()} at step {step}; {where} "
+                    "(lower the learning rate, then resume with --resume)"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            opt.step()
+            sched.step()
+            step += 1
+            steps_since += 1
+            if bar:
+                bar.update(1)
+            if self.is_main and (step % args.log_every == 0 or step == max_steps):
+                now = time.time()
+                dt = now - t_log
+                elapsed += dt
+                row = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                       "frames_per_s": steps_since * frames_per_step / max(dt, 1e-9), "elapsed_s": elapsed,
+                       **{k: float(v) for k, v in metrics.items()}}
+                t_log, steps_since = now, 0
+                self._log_row(csv_path, writer, row)
+                if bar:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", fps=f"{row['frames_per_s']:.0f}")
+            if self.is_main and val is not None and args.val_every and step % args.val_every == 0:
+                self._validate(stage, genie, val, step, csv_path, writer, sdir)
+                genie.train()
+            stop = self._agree_stop()
+            due = (step % args.checkpoint_every == 0 or time.time() - last_ckpt_time > args.checkpoint_minutes * 60
+                   or step == max_steps or stop)
+            if self._agree(due):
+                saved = self._save(stage, genie, opt, sched, sampler, step, elapsed, ckpt_path, sdir)
+                if saved:
+                    last_good = ckpt_path
+                last_ckpt_time = time.time()
+            if stop:
+                status = "stopped"
+                self.log(f"stage {stage}: stopped at step {step}; resume with --resume")
+                break
+        if bar:
+            bar.close()
+        if status == "done" and self.is_main:
+            if val is not None:
+                self._validate(stage, genie, val, step, csv_path, writer, sdir)
+            (sdir / "DONE").write_text(f"{step}\n")
+            self.log(f"stage {stage}: finished at step {step}; release model in {sdir / 'release'}")
+        if writer:
+            writer.close()
+        return status
+
+    # ------------------------------------------------------------------ helpers
+    def _agree_stop(self) -> bool:
+        """All ranks stop together when any received a stop signal."""
+        if self.world == 1:
+            return self.stop_requested
+        t = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _agree(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _save(self, stage, genie, opt, sched, sampler, step, elapsed, ckpt_path, sdir) -> bool:
+        samplers = [sampler.state_dict()]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, sampler.state_dict())
+            samplers = gathered
+        if not self.is_main:
+            return True
+        state = {
+            "stage": stage, "step": step, "elapsed": elapsed, "model": genie.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "sampler": samplers if self.world > 1 else samplers[0], "torch_rng": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+        }
+        try:
+            atomic_save(state, ckpt_path)
+            genie.save_pretrained(sdir / "release")
+        except CheckpointWriteError as e:
+            self.log(f"warning: {e}")
+            return False
+        except OSError as e:
+            self.log(f"warning: writing the release folder failed ({e}); the checkpoint {ckpt_path} is intact")
+            return True
+        return True
+
+    def _writer(self, sdir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log("TensorBoard is not installed (pip install tensorboard): logging to metrics.csv only")
+            return None
+        return SummaryWriter(str(sdir / "tb"))
+
+    def _log_row(self, csv_path: Path, writer, row: dict[str, float]) -> None:
+        new = not csv_path.is_file()
+        keys = list(row)
+        if not new:
+            with open(csv_path) as f:
+                header = f.readline().strip().split(",")
+            if header != keys:
+                keys = header + [k for k in keys if k not in header]
+        with open(csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if writer:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, row["step"])
+
+    def _val_clips(self, cfg: GenieConfig):
+        from training.evaluate import load_eval_clips
+
+        return load_eval_clips(self.args.val_data, cfg.image_size, num_clips=self.args.val_clips,
+                               clip_frames=16, log=self.log)
+
+    @torch.no_grad()
+    def _validate(self, stage, genie, val, step, csv_path, writer, sdir) -> None:
+        from training.evaluate import evaluate_stage
+
+        genie.eval()
+        res = evaluate_stage(genie, stage, val, samples_to=sdir / "samples" / f"step_{step:07d}")
+        self.log(f"stage {stage} step {step} validation: " + ", ".join(
+            f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, (int, float))))
+        self._log_row(sdir / "val_metrics.csv", writer,
+                      {"step": step, **{f"val_{k}": float(v) for k, v in res.items() if isinstance(v, (int, float))}})
+
+
+_ARCH_FIELDS = {
+    "image_size", "in_channels", "tokenizer_vocab_size", "tokenizer_patch_size", "tokenizer_channels",
+    "tokenizer_latent_dim", "tokenizer_num_res_blocks", "action_vocab_size", "lam_context_frames",
+    "lam_channels", "lam_latent_dim", "dynamics_dim", "dynamics_depth", "dynamics_num_heads",
+    "dynamics_mlp_ratio", "context_frames",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArgs:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    for f in fields(TrainArgs):
+        if f.name == "overrides":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = (f.metadata or {}).get("help")
+        if f.type in ("bool",):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        elif f.name in ("config", "data", "out"):
+            p.add_argument(flag, type=Path, required=True)
+        elif "Path" in str(f.type):
+            p.add_argument(flag, type=Path, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    ns = p.parse_args(argv)
+    return TrainArgs(**vars(ns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return Trainer(args).run()
+    except (ConfigError, DatasetError, RuntimeError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
