@@ -84,6 +84,8 @@ class TrainArgs:
     """CPU threads (0 = all cores)."""
     progress: bool = True
     """Show a progress bar."""
+    stop_after: int = 0
+    """Stop (saving a checkpoint, as on SIGTERM) after this many steps of this invocation; 0 = never."""
     overrides: list[str] = field(default_factory=list)
     """key=value overrides."""
 
@@ -351,6 +353,10 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=max_steps, initial=step, desc=stage, dynamic_ncols=True, mininterval=2.0)
+        start_step = step
+        if self.is_main and state is not None:
+            _truncate_csv(csv_path, step)
+            _truncate_csv(sdir / "val_metrics.csv", step)
         last_ckpt_time = time.time()
         last_good = ckpt_path if ckpt_path.is_file() else None
         t_log = time.time()
@@ -390,6 +396,8 @@ class Trainer:
             if self.is_main and val is not None and args.val_every and step % args.val_every == 0:
                 self._validate(stage, genie, val, step, csv_path, writer, sdir)
                 genie.train()
+            if args.stop_after and step - start_step >= args.stop_after:
+                self.stop_requested = True
             stop = self._agree_stop()
             due = (step % args.checkpoint_every == 0 or time.time() - last_ckpt_time > args.checkpoint_minutes * 60
                    or step == max_steps or stop)
@@ -496,6 +504,15 @@ class Trainer:
             f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, (int, float))))
         self._log_row(sdir / "val_metrics.csv", writer,
                       {"step": step, **{f"val_{k}": float(v) for k, v in res.items() if isinstance(v, (int, float))}})
+
+
+def _truncate_csv(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    path.write_text("".join(keep))
 
 
 _ARCH_FIELDS = {
