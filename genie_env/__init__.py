@@ -16,6 +16,8 @@ from genie_env.presets import create_genie_cpu, create_genie_large, create_genie
 __version__ = "0.1.0"
 
 __all__ = [
+    "GenieEnv",
+    "GenieVectorEnv",
     "CheckpointError",
     "ConfigError",
     "DynamicsModel",
@@ -28,3 +30,21 @@ __all__ = [
     "create_genie_large",
     "create_genie_small",
 ]
+
+# Gymnasium registration: gym.make("Genie-v0") after `import genie_env`.
+from genie_env.registration import register_envs  # noqa: E402
+
+register_envs()
+
+
+def __getattr__(name: str):
+    # the environments import gymnasium's env machinery: load them when first asked for
+    if name == "GenieEnv":
+        from genie_env.env import GenieEnv
+
+        return GenieEnv
+    if name == "GenieVectorEnv":
+        from genie_env.vector_env import GenieVectorEnv
+
+        return GenieVectorEnv
+    raise AttributeError(f"module 'genie_env' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ import pytest
 import torch
 
 from genie_env import Genie, GenieConfig
+
+# Tiny models run fastest on one thread (and the tests share the machine with training runs).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY = dict(
     image_size=16, num_frames=4, tokenizer_vocab_size=32, tokenizer_patch_size=4, tokenizer_channels=8,

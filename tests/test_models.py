@@ -248,3 +248,23 @@ def test_tiny_model_helper_is_seeded():
     a, b = tiny_model(seed=1), tiny_model(seed=1)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+@torch.no_grad()
+def test_shorter_context_window_attends_to_fewer_frames(tiny):
+    """context_frames=1 attends to nothing but the frame itself: a step then ignores the cached past, and
+    context_frames=2 gives other logits than the full window."""
+    dyn = tiny.dynamics
+    tok, acts = _tokens_actions(tiny, t=4)
+    null = torch.full((2,), dyn.null_action, dtype=torch.long)
+    masked = torch.full_like(tok[:, 3], dyn.mask_id)
+    logits = {}
+    for window in (1, 2, None):
+        cache = dyn.new_cache(2, window=window)
+        for i in range(3):
+            dyn.step(cache, tok[:, i], null if i == 0 else acts[:, i - 1], commit=True)
+        logits[window] = dyn.step(cache, masked, acts[:, 2])
+    torch.testing.assert_close(logits[1], dyn.step(dyn.new_cache(2, window=1), masked, acts[:, 2]))
+    assert not torch.allclose(logits[2], logits[None])
+    with pytest.raises(ValueError, match="context_frames must be in"):
+        tiny.start(torch.rand(1, 3, 16, 16), context_frames=5)

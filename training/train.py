@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import signal
@@ -30,7 +29,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -273,30 +271,31 @@ class Trainer:
                 dist.destroy_process_group()
 
     def _initial_model(self, stage: str) -> Genie:
-        src = self.args.init_from
-        if src is None:
-            prev = STAGES[: STAGES.index(stage)]
-            for p in reversed(prev):
-                rel = self.out / p / "release"
-                if (rel / "model.safetensors").is_file():
-                    src = rel
-                    break
-        if src is not None:
-            self.log(f"stage {stage}: starting from {src}")
-            model = Genie.from_pretrained(src)
-            if model.config.to_dict() | {"extra": {}} != self.config.to_dict() | {"extra": {}}:
-                diff = [k for k, v in self.config.to_dict().items()
-                        if k != "extra" and model.config.to_dict().get(k) != v and k in _ARCH_FIELDS]
-                if diff:
-                    raise ConfigError(f"{src} was trained with a different architecture ({', '.join(diff)}) "
-                                      "than the config")
-            model.config = self.config
-            model.tokenizer.config = model.latent_actions.config = model.dynamics.config = self.config
-            return model.train()
-        if stage != "tokenizer":
-            self.log(f"stage {stage}: no earlier stage's release found; starting from random weights")
+        """A fresh model whose already-trained parts come from earlier stages' releases (or --init-from):
+        the tokenizer for the lam stage; the tokenizer and latent action model for the dynamics stage."""
         torch.manual_seed(self.config.seed)
-        return Genie(self.config)
+        model = Genie(self.config)
+        needed = {"tokenizer": (), "lam": ("tokenizer",), "dynamics": ("tokenizer", "latent_actions")}[stage]
+        if self.args.init_from is not None:
+            sources = {part: Path(self.args.init_from) for part in needed + (_PART[stage],)}
+        else:
+            sources = {}
+            for part in needed:
+                for prev in reversed(STAGES[: STAGES.index(stage)]):
+                    rel = self.out / prev / "release"
+                    if _PART[prev] == part and (rel / "model.safetensors").is_file():
+                        sources[part] = rel
+                        break
+                else:
+                    rel = self.out / "tokenizer" / "release"
+                    if part == "latent_actions":
+                        self.log(f"stage {stage}: no latent action model trained yet: co-train it or run --stage lam")
+                    elif not (rel / "model.safetensors").is_file():
+                        self.log(f"stage {stage}: no trained tokenizer found in {rel}; starting from random weights")
+        for part, src in sources.items():
+            load_part(model, src, part)
+            self.log(f"stage {stage}: {part} from {src}")
+        return model.train()
 
     def run_stage(self, stage: str) -> str:
         args = self.args
@@ -515,12 +514,27 @@ def _truncate_csv(path: Path, step: int) -> None:
     path.write_text("".join(keep))
 
 
-_ARCH_FIELDS = {
-    "image_size", "in_channels", "tokenizer_vocab_size", "tokenizer_patch_size", "tokenizer_channels",
-    "tokenizer_latent_dim", "tokenizer_num_res_blocks", "action_vocab_size", "lam_context_frames",
-    "lam_channels", "lam_latent_dim", "dynamics_dim", "dynamics_depth", "dynamics_num_heads",
-    "dynamics_mlp_ratio", "context_frames",
-}
+_PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics"}
+
+
+def load_part(model: Genie, folder: Path, part: str) -> None:
+    """Load one component (tokenizer, latent_actions or dynamics) of a release folder into ``model``;
+    the component's tensors must all be there with the same shapes."""
+    from safetensors.torch import load_file
+
+    from genie_env.hub import WEIGHTS_NAME
+
+    state = load_file(str(Path(folder) / WEIGHTS_NAME))
+    prefix = part + "."
+    mine = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    theirs = {k: v for k, v in state.items() if k.startswith(prefix)}
+    bad = sorted(k for k in mine if k not in theirs or tuple(theirs[k].shape) != tuple(mine[k].shape))
+    if bad:
+        raise ConfigError(f"{folder}: its {part} does not match the config ({', '.join(bad[:5])} ...); "
+                          "was it trained with another architecture?")
+    model.load_state_dict({k: theirs[k].to(mine[k].dtype) for k in mine}, strict=False)
+
+
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:

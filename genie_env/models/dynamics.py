@@ -117,6 +117,8 @@ class KVCache:
     v: torch.Tensor
     age: torch.Tensor
     ptr: torch.Tensor
+    window: int
+    """Frames attended to, counting the one being generated (at most the model's context_frames)."""
 
     @property
     def batch_size(self) -> int:
@@ -241,9 +243,12 @@ class DynamicsModel(nn.Module):
         return ce, {"dyn_ce": ce.detach(), "dyn_acc": acc}
 
     # ------------------------------------------------------------------ play (cached)
-    def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                  ) -> KVCache:
+    def new_cache(self, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  window: int | None = None) -> KVCache:
         cfg = self.config
+        window = self.window if window is None else window
+        if not 1 <= window <= self.window:
+            raise ValueError(f"context_frames must be in [1, {self.window}] (the model's context window), got {window}")
         cap = max(self.window - 1, 1)
         heads = cfg.dynamics_num_heads
         dh = cfg.dynamics_dim // heads
@@ -253,13 +258,14 @@ class DynamicsModel(nn.Module):
             v=torch.zeros(shape, device=device, dtype=dtype),
             age=torch.zeros(batch, cap, dtype=torch.long, device=device),
             ptr=torch.zeros(batch, dtype=torch.long, device=device),
+            window=window,
         )
 
     def _step_bias(self, cache: KVCache, rows: torch.Tensor | None, blk: STBlock) -> torch.Tensor:
         age = cache.age if rows is None else cache.age[rows]
         b = age.shape[0]
         tb = blk.time_bias  # (H, window)
-        ok = (age > 0) & (age < self.window)
+        ok = (age > 0) & (age < cache.window)
         past = torch.where(ok[:, None, :], tb[:, age.clamp(0, self.window - 1)].transpose(0, 1), NEG_INF)
         own = tb[:, :1].expand(b, -1, -1)  # distance 0
         bias = torch.cat([past, own], dim=2)  # (b, H, c+1)

@@ -84,11 +84,14 @@ class Genie(nn.Module, HubMixin):
 
     def start(
         self, prompt: torch.Tensor, generator: torch.Generator | None = None, maskgit_steps: int | None = None,
-        temperature: float | None = None, top_k: int | None = None,
+        temperature: float | None = None, top_k: int | None = None, context_frames: int | None = None,
     ) -> GenieSession:
-        """Begin a rollout from prompt frames (B, 3, H, W) or (B, 3, T0, H, W); see `GenieSession`."""
+        """Begin a rollout from prompt frames (B, 3, H, W) or (B, 3, T0, H, W); see `GenieSession`.
+
+        context_frames: frames the model conditions on, counting the one it generates (default and maximum:
+        ``config.context_frames``)."""
         return GenieSession(self, prompt, generator=generator, maskgit_steps=maskgit_steps,
-                            temperature=temperature, top_k=top_k)
+                            temperature=temperature, top_k=top_k, context_frames=context_frames)
 
     @torch.inference_mode()
     def play(self, current_frame: torch.Tensor, action: torch.Tensor,
@@ -147,7 +150,7 @@ class GenieSession:
 
     def __init__(self, model: Genie, prompt: torch.Tensor, generator: torch.Generator | None = None,
                  maskgit_steps: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None) -> None:
+                 top_k: int | None = None, context_frames: int | None = None) -> None:
         cfg = model.config
         self.model = model
         self.generator = generator
@@ -164,7 +167,9 @@ class GenieSession:
         if prompt.dim() == 4:
             prompt = prompt[:, :, None]
         self.batch_size = prompt.shape[0]
-        self.cache = model.dynamics.new_cache(self.batch_size, device=model.device)
+        if context_frames is not None and (isinstance(context_frames, bool) or not isinstance(context_frames, int)):
+            raise TypeError(f"context_frames must be an int, got {context_frames!r}")
+        self.cache = model.dynamics.new_cache(self.batch_size, device=model.device, window=context_frames)
         self.steps = torch.zeros(self.batch_size, dtype=torch.long)
         self._prime(prompt, None)
 

@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from genie_env.config import GenieConfig
-from genie_env.models.blocks import ConvDecoder, ConvEncoder
+from genie_env.models.blocks import ConvEncoder, ResBlock
 from genie_env.models.quantizer import VectorQuantizer
 
 
@@ -46,6 +46,47 @@ def context_stack(frames: torch.Tensor, k: int) -> torch.Tensor:
     return rearrange(ctx, "b t c k H W -> b t (k c) H W")
 
 
+class ActionUNet(nn.Module):
+    """Predicts the change x_{t+1} - x_t from context frames, modulated by an action code at every level.
+
+    Skip connections at 1/2 and 1/4 resolution let the action move fine detail (a sub-pixel scroll of
+    the whole scene, the agent's sprite), which a decoder working from the 8x8 bottleneck alone
+    cannot express: then the code is not worth using and the model learns to ignore it.
+    """
+
+    def __init__(self, c_in: int, c_out: int, width: int, code_dim: int, levels: int) -> None:
+        super().__init__()
+        self.levels = levels
+        chans = [width] + [width * 2] * (levels - 1)
+        self.stem = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(c_in * 4, chans[0], 3, padding=1))
+        self.down = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1) for i in range(levels - 1))
+        self.enc_blocks = nn.ModuleList(ResBlock(c) for c in chans)
+        self.films = nn.ModuleList(nn.Linear(code_dim, 2 * c) for c in chans)
+        self.up = nn.ModuleList(nn.Conv2d(chans[i + 1], chans[i], 3, padding=1) for i in range(levels - 1))
+        self.dec_blocks = nn.ModuleList(ResBlock(c) for c in chans[:-1])
+        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(chans[0], c_out * 4, 3, padding=1), nn.PixelShuffle(2))
+        # (no zero initialisation of the FiLM layers: a decoder that starts blind to the code sends the
+        # encoder no gradient, and every transition collapses onto one latent action)
+
+    @staticmethod
+    def _film(h: torch.Tensor, film: nn.Linear, code: torch.Tensor) -> torch.Tensor:
+        scale, shift = film(code.to(h.dtype)).chunk(2, dim=1)
+        return h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
+    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        skips = []
+        for i in range(self.levels):
+            h = self._film(self.enc_blocks[i](h), self.films[i], code)
+            if i < self.levels - 1:
+                skips.append(h)
+                h = self.down[i](h)
+        for i in reversed(range(self.levels - 1)):
+            h = self.up[i](F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips[i]
+            h = self.dec_blocks[i](h)
+        return self.out(h)
+
+
 class LatentActionModel(nn.Module):
     def __init__(self, config: GenieConfig) -> None:
         super().__init__()
@@ -54,20 +95,22 @@ class LatentActionModel(nn.Module):
         levels = config.tokenizer_patch_size.bit_length() - 1
         grid = config.image_size // config.tokenizer_patch_size
         width = config.lam_channels
-        self.encoder = ConvEncoder(c * (k + 1), width, width, levels, 1)
+        # encoder input: the k context frames, x_{t+1}, and the difference x_{t+1} - x_t, which makes
+        # the small changes an action causes stand out from the unchanged scene
+        self.encoder = ConvEncoder(c * (k + 2), width, width, levels, 1)
         self.to_latent = nn.Linear(width * grid * grid, config.lam_latent_dim)
         self.quantizer = VectorQuantizer(config.action_vocab_size, config.lam_latent_dim, ema_decay=0.0,
                                          dead_code_threshold=0.5)
-        self.context_encoder = ConvEncoder(c * k, width, width, levels, 1)
-        self.action_film = nn.Linear(config.lam_latent_dim, 2 * width)
-        self.decoder = ConvDecoder(width, c, width, levels, 1)
+        self.decoder = ActionUNet(c * k, c, width, config.lam_latent_dim, max(levels - 1, 1))
 
     def _encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-quantization latents (B*(T-1), d) and context stacks (B*(T-1), 3k, H, W)."""
+        c = self.config.in_channels
         x = frames * 2 - 1
         ctx = context_stack(x, self.config.lam_context_frames)
         nxt = rearrange(x[:, :, 1:], "b c t H W -> b t c H W")
-        enc_in = rearrange(torch.cat([ctx, nxt], dim=2), "b t c H W -> (b t) c H W")
+        diff = nxt - ctx[:, :, -c:]
+        enc_in = rearrange(torch.cat([ctx, nxt, diff], dim=2), "b t c H W -> (b t) c H W")
         z = self.to_latent(self.encoder(enc_in).flatten(1))
         return z, rearrange(ctx, "b t c H W -> (b t) c H W")
 
@@ -79,12 +122,9 @@ class LatentActionModel(nn.Module):
 
     def decode(self, context: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Predict x_{t+1} in [-1, 1] from context stacks (N, 3k, H, W) and code vectors (N, d)."""
-        h = self.context_encoder(context)
-        scale, shift = self.action_film(code.to(h.dtype)).chunk(2, dim=1)
-        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         last = context[:, -self.config.in_channels :]
         # predict the change from x_t, so the code only has to explain what changed
-        return last + self.decoder(h)
+        return last + self.decoder(context, code)
 
     def forward(self, frames: torch.Tensor) -> LatentActionOutput:
         b, _, t = frames.shape[:3]

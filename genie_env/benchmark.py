@@ -1,0 +1,210 @@
+"""How fast the world model steps on this machine.
+
+    python -m genie_env.benchmark                       # the shipped model, default sampling settings
+    python -m genie_env.benchmark --checkpoint DIR --maskgit-steps 4 --json bench.json
+
+Measures, with the prompt already encoded: per-step latency at batch 1 (MaskGIT sampling + decoding the
+new frame) and its split between the dynamics (per MaskGIT step) and the decoder; steps per second of
+the vector environment at 1 / 8 / 32 / 128 envs; the cost of a step at step 10 vs step 1000 of one
+episode; resident memory over a long episode; and the achieved GFLOP/s against this machine's matmul
+peak measured in the same run. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genie_env import Genie
+
+
+def rss_mb() -> float:
+    """Resident memory of this process in MB (Linux /proc; falls back to peak RSS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
+    """GFLOP/s of square matmuls in this dtype."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _timeit(fn, reps: int) -> float:
+    """Median seconds of fn() over reps runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def step_flops(model: Genie, steps: int) -> float:
+    """FLOPs of one environment step at batch 1 (counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    prompt = torch.rand(1, 3, model.config.image_size, model.config.image_size)
+    s = model.start(prompt, generator=torch.Generator().manual_seed(0), maskgit_steps=steps)
+    with FlopCounterMode(display=False) as fc:
+        s.step(torch.zeros(1, dtype=torch.long))
+    return float(fc.get_total_flops())
+
+
+@torch.inference_mode()
+def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[int], episode_steps: int,
+        reps: int = 20, log=print) -> dict:
+    cfg = model.config
+    size = cfg.image_size
+    res: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(model.autocast_dtype or torch.float32).replace("torch.", ""),
+        "maskgit_steps": steps,
+        "temperature": cfg.temperature if temperature is None else temperature,
+        "tokens_per_frame": cfg.tokens_per_frame,
+        "parameters": model.num_parameters(),
+    }
+    log("measuring matmul peak ...")
+    res["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.rand(1, 3, size, size, generator=gen)
+    session = model.start(prompt, generator=gen, maskgit_steps=steps, temperature=temperature)
+    a = torch.zeros(1, dtype=torch.long)
+    for _ in range(cfg.context_frames):  # fill the cache: steady state
+        session.step(a)
+    log("measuring batch-1 latency ...")
+    res["step_ms_batch1"] = 1000 * _timeit(lambda: session.step(a), reps)
+    dyn = model.dynamics
+    toks = torch.full((1, cfg.tokens_per_frame), dyn.mask_id)
+
+    def one_dynamics_pass():
+        with model._autocast():
+            dyn.step(session.cache, toks, a)
+
+    def decode():
+        with model._autocast():
+            model.tokenizer.decode(session.last_tokens.view(1, 1, cfg.token_grid, cfg.token_grid))
+
+    res["dynamics_pass_ms"] = 1000 * _timeit(one_dynamics_pass, reps)
+    res["decode_ms"] = 1000 * _timeit(decode, reps)
+    res["env_steps_per_s_batch1"] = 1000 / res["step_ms_batch1"]
+    flops = step_flops(model, steps)
+    res["gflop_per_step"] = flops / 1e9
+    res["achieved_gflops_batch1"] = flops / 1e9 / (res["step_ms_batch1"] / 1000)
+
+    log("measuring the vector environment ...")
+    res["vector_env_steps_per_s"] = {}
+    from genie_env.vector_env import GenieVectorEnv
+
+    for n in batch_sizes:
+        env = GenieVectorEnv(num_envs=n, model=model, maskgit_steps=steps, temperature=temperature)
+        env.reset(seed=0)
+        acts = env.action_space.sample()
+        env.step(acts)
+        k = max(2, min(reps, 200 // n))
+        t = _timeit(lambda: env.step(acts), k)
+        res["vector_env_steps_per_s"][str(n)] = n / t
+        env.close()
+        log(f"  {n} envs: {n / t:.1f} steps/s")
+
+    log(f"running one {episode_steps}-step episode ...")
+    session = model.start(prompt, generator=gen, maskgit_steps=steps, temperature=temperature)
+    per_step, mem = [], []
+    for i in range(1, episode_steps + 1):
+        t0 = time.perf_counter()
+        session.step(a)
+        per_step.append(time.perf_counter() - t0)
+        if i % max(1, episode_steps // 20) == 0 or i == 1:
+            mem.append((i, rss_mb()))
+    def window(center: int) -> float:
+        lo, hi = max(0, center - 5), min(len(per_step), center + 5)
+        return 1000 * statistics.median(per_step[lo:hi])
+
+    res["step_ms_at_10"] = window(10)
+    if episode_steps >= 1000:
+        res["step_ms_at_1000"] = window(1000)
+    res["step_ms_at_end"] = window(episode_steps - 5)
+    res["episode_steps"] = episode_steps
+    res["rss_mb_curve"] = mem
+    res["rss_mb_start"], res["rss_mb_end"] = mem[0][1], mem[-1][1]
+    res["peak_rss_mb"] = max(m for _, m in mem)
+    return res
+
+
+def print_table(res: dict) -> None:
+    rows = [
+        ("machine / threads / dtype", f"{res['machine']} / {res['threads']} / {res['dtype']}"),
+        ("MaskGIT steps, temperature", f"{res['maskgit_steps']}, {res['temperature']}"),
+        ("matmul peak fp32 / bf16", f"{res['matmul_peak_gflops']['fp32']:.0f} / "
+                                    f"{res['matmul_peak_gflops']['bf16']:.0f} GFLOP/s"),
+        ("step at batch 1", f"{res['step_ms_batch1']:.1f} ms ({res['env_steps_per_s_batch1']:.1f} steps/s)"),
+        ("  one dynamics pass", f"{res['dynamics_pass_ms']:.2f} ms"),
+        ("  decode new frame", f"{res['decode_ms']:.2f} ms"),
+        ("GFLOP per step / achieved", f"{res['gflop_per_step']:.2f} / {res['achieved_gflops_batch1']:.0f} GFLOP/s"),
+    ]
+    for n, v in res["vector_env_steps_per_s"].items():
+        rows.append((f"vector env, {n} envs", f"{v:.1f} steps/s"))
+    rows.append(("step at 10 / 1000 / end", f"{res['step_ms_at_10']:.1f} / {res.get('step_ms_at_1000', float('nan')):.1f}"
+                                            f" / {res['step_ms_at_end']:.1f} ms"))
+    rows.append((f"RSS over {res['episode_steps']} steps", f"{res['rss_mb_start']:.0f} -> {res['rss_mb_end']:.0f} MB "
+                                                          f"(peak {res['peak_rss_mb']:.0f})"))
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m genie_env.benchmark", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help="folder or hub repo id (default: the shipped model)")
+    p.add_argument("--maskgit-steps", type=int, default=None, help="default: the model's setting")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    p.add_argument("--batch-sizes", default="1,8,32,128")
+    p.add_argument("--episode-steps", type=int, default=10000)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = Genie.from_pretrained(a.checkpoint)
+    model.autocast_dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    steps = a.maskgit_steps or model.config.maskgit_steps
+    res = run(model, steps, a.temperature, [int(x) for x in a.batch_sizes.split(",")], a.episode_steps, a.reps,
+              log=lambda m: print(m, file=sys.stderr))
+    res["checkpoint"] = str(a.checkpoint or "shipped default")
+    res["omp_num_threads_env"] = os.environ.get("OMP_NUM_THREADS")
+    print_table(res)
+    a.json.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""genie-play: play a Genie world model with the keyboard in a pygame window.
+
+    genie-play                                  # the shipped model
+    genie-play --checkpoint runs/x/release --record session.mp4
+    genie-play --headless --steps 120           # no window: auto-play, save a clip and a screenshot
+    genie-play --prompt start.png               # start from an image instead of the prompt bank
+
+Arrow keys or WASD move (left, right, up = jump; two keys held give LEFT+UP / RIGHT+UP), no key is the
+NONE action; number keys 1-9 pick latent actions 0-8 directly. R restarts from a new prompt, Space
+pauses, Esc or Q quits.
+
+Three layers, so that tests can drive it with posted key events under SDL_VIDEODRIVER=dummy: the keymap
+as data, a pure key handler (it tracks KEYDOWN/KEYUP itself: pygame.key.get_pressed() does not see
+posted events), and a thin loop around `GenieEnv`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["KeyHandler", "PlayArgs", "VideoWriter", "Viewer", "keys_to_action", "main", "save_video"]
+
+# ---------------------------------------------------------------------------------------- keymap (data)
+# Keys by their pygame constant name, so this module imports without pygame.
+DIRECTION_KEYS: dict[str, str] = {
+    "K_LEFT": "LEFT", "K_a": "LEFT",
+    "K_RIGHT": "RIGHT", "K_d": "RIGHT",
+    "K_UP": "UP", "K_w": "UP",
+    "K_DOWN": "DOWN", "K_s": "DOWN",
+}
+NUMBER_KEYS: dict[str, int] = {f"K_{i}": i - 1 for i in range(1, 10)}  # key "1" = latent action 0
+COMMAND_KEYS: dict[str, str] = {"K_r": "restart", "K_SPACE": "pause", "K_ESCAPE": "quit", "K_q": "quit"}
+HORIZONTAL, VERTICAL = ("LEFT", "RIGHT"), ("UP", "DOWN")
+NONE = "NONE"
+
+
+# ---------------------------------------------------------------------------------------- key handler
+class KeyHandler:
+    """Which keys are held and what they mean; pure (key names in, latent actions out).
+
+    The most recently pressed key of each axis wins (holding LEFT then pressing RIGHT goes right), and
+    a held number key pressed after the direction keys overrides them.
+    """
+
+    def __init__(self, action_map: dict[str, int], num_actions: int) -> None:
+        self.action_map = dict(action_map)
+        self.num_actions = num_actions
+        self.held: list[str] = []
+        """Held direction and number keys, oldest first."""
+        self.paused = False
+        self.quit = False
+        self.restart = False
+        """Set by R; the loop clears it once it has restarted."""
+
+    def key_down(self, key: str) -> None:
+        command = COMMAND_KEYS.get(key)
+        if command == "quit":
+            self.quit = True
+        elif command == "restart":
+            self.restart = True
+        elif command == "pause":
+            self.paused = not self.paused
+        elif key in DIRECTION_KEYS or (key in NUMBER_KEYS and NUMBER_KEYS[key] < self.num_actions):
+            if key in self.held:
+                self.held.remove(key)
+            self.held.append(key)
+
+    def key_up(self, key: str) -> None:
+        if key in self.held:
+            self.held.remove(key)
+
+    def action(self) -> tuple[int, str] | None:
+        """(latent action, label) for the held keys; None when no key that means an action is held."""
+        if self.held and self.held[-1] in NUMBER_KEYS:
+            return NUMBER_KEYS[self.held[-1]], f"latent {NUMBER_KEYS[self.held[-1]]}"
+        dirs = [DIRECTION_KEYS[k] for k in self.held if k in DIRECTION_KEYS]
+        h = next((d for d in reversed(dirs) if d in HORIZONTAL), None)
+        v = next((d for d in reversed(dirs) if d in VERTICAL), None)
+        for name in (f"{h}+{v}" if h and v else None, h, v):
+            if name and name in self.action_map:
+                return self.action_map[name], f"{name} ({self.action_map[name]})"
+        numbers = [k for k in self.held if k in NUMBER_KEYS]
+        if numbers:
+            return NUMBER_KEYS[numbers[-1]], f"latent {NUMBER_KEYS[numbers[-1]]}"
+        return None
+
+    def idle_action(self) -> tuple[int, str]:
+        """The action when no key is held: the map's NONE, else latent action 0."""
+        a = self.action_map.get(NONE, 0)
+        return a, f"{NONE} ({a})"
+
+
+def keys_to_action(action_map: dict[str, int], num_actions: int) -> dict[tuple[int, ...], int]:
+    """pygame key-code tuples -> latent actions, for `gymnasium.utils.play.play`: every arrow / WASD
+    combination of the action map's groups (e.g. LEFT+UP as (K_LEFT, K_UP), (K_a, K_w), ...), and the
+    number keys 1-9 as latent actions 0-8."""
+    import pygame
+
+    by_dir: dict[str, list[int]] = {}
+    for name, d in DIRECTION_KEYS.items():
+        by_dir.setdefault(d, []).append(getattr(pygame, name))
+    out: dict[tuple[int, ...], int] = {}
+    for group, action in action_map.items():
+        parts = group.split("+")
+        if group == NONE or not all(p in by_dir for p in parts):
+            continue
+        for combo in itertools.product(*(by_dir[p] for p in parts)):
+            out[tuple(sorted(combo))] = action
+    for name, action in NUMBER_KEYS.items():
+        if action < num_actions:
+            out[(getattr(pygame, name),)] = action
+    return out
+
+
+class AutoPilot:
+    """Headless play: holds a random action for 4 to 12 frames, like a person tapping keys."""
+
+    def __init__(self, choices: Sequence[int], rng: np.random.Generator) -> None:
+        self.choices = list(choices)
+        self.rng = rng
+        self._action, self._left = self.choices[0], 0
+
+    def __call__(self) -> int:
+        if self._left <= 0:
+            self._action = int(self.rng.choice(self.choices))
+            self._left = int(self.rng.integers(4, 13))
+        self._left -= 1
+        return self._action
+
+
+# ---------------------------------------------------------------------------------------- video
+class VideoWriter:
+    """Frames (H, W, 3) uint8 to an mp4 (H.264 yuv420p, streamed as they come: every player opens it)
+    or a gif (kept until `close`). Frames are scaled up by an integer factor with nearest neighbour;
+    for mp4 the factor is doubled when needed so both sides are even (yuv420p halves chroma)."""
+
+    def __init__(self, path: str | Path, fps: int = 15, scale: int = 1) -> None:
+        self.path = Path(path)
+        self.kind = self.path.suffix.lower()
+        if self.kind not in (".mp4", ".gif"):
+            raise ValueError(f"record path must end in .mp4 or .gif, got {str(path)!r}")
+        if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
+            raise ValueError(f"fps must be an int >= 1, got {fps!r}")
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+        self.fps, self.scale = fps, scale
+        self.frames_written = 0
+        self._gif: list[np.ndarray] = []
+        self._container: Any = None
+        self._stream: Any = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, frame: np.ndarray) -> None:
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+        if self.kind == ".gif":
+            self._gif.append(frame.copy())
+        else:
+            self._write_mp4(frame)
+        self.frames_written += 1
+
+    def _write_mp4(self, frame: np.ndarray) -> None:
+        import av
+
+        k = self.scale
+        if (frame.shape[0] * k) % 2 or (frame.shape[1] * k) % 2:
+            k *= 2
+        big = np.ascontiguousarray(frame.repeat(k, 0).repeat(k, 1))
+        if self._container is None:
+            self._container = av.open(str(self.path), mode="w", format="mp4")
+            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"crf": "18"}
+            self._stream.height, self._stream.width = big.shape[:2]
+        for packet in self._stream.encode(av.VideoFrame.from_ndarray(big, format="rgb24")):
+            self._container.mux(packet)
+
+    def close(self) -> Path | None:
+        """Finish the file; returns its path, or None when no frame was written."""
+        if self.kind == ".gif" and self._gif:
+            from PIL import Image
+
+            k = self.scale
+            images = [Image.fromarray(f.repeat(k, 0).repeat(k, 1)) for f in self._gif]
+            images[0].save(self.path, save_all=True, append_images=images[1:], duration=round(1000 / self.fps),
+                           loop=0)
+            self._gif = []
+        elif self._container is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()
+            self._container = None
+        return self.path if self.frames_written else None
+
+
+def save_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | Path, fps: int = 15, scale: int = 1) -> Path:
+    """Write (T, H, W, 3) uint8 frames to an mp4 or gif (by the path's suffix); returns the path."""
+    writer = VideoWriter(path, fps=fps, scale=scale)
+    for f in frames:
+        writer.write(np.asarray(f))
+    out = writer.close()
+    if out is None:
+        raise ValueError("frames is empty: nothing to save")
+    return out
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """An image file as (size, size, 3) uint8 RGB (resized when it is another size)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- the loop
+class Viewer:
+    """A `GenieEnv` in a pygame window: `tick()` handles events, steps once (unless paused) and draws.
+
+    With ``autopilot`` set, frames without a held key use its actions instead of NONE (headless play).
+    """
+
+    BAR = 22  # pixels of status line under the frame
+
+    def __init__(self, env: Any, scale: int = 8, fps: int = 15, seed: int | None = None,
+                 autopilot: AutoPilot | None = None, writer: VideoWriter | None = None,
+                 prompt: np.ndarray | None = None) -> None:
+        import pygame
+
+        self.pygame = pygame
+        self.env, self.scale, self.fps, self.seed = env, scale, fps, seed
+        self.options = None if prompt is None else {"prompt": prompt}
+        self.autopilot, self.writer = autopilot, writer
+        self.keys = KeyHandler(env.action_map, int(env.action_space.n))
+        self.names = env.get_action_meanings()
+        self._key_names = {getattr(pygame, n): n for n in (*DIRECTION_KEYS, *NUMBER_KEYS, *COMMAND_KEYS)}
+        h, w = env.observation_space.shape[:2]
+        self.size = (w * scale, h * scale)
+        pygame.display.init()
+        pygame.display.set_caption("genie-play")
+        self.screen = pygame.display.set_mode((self.size[0], self.size[1] + self.BAR))
+        try:
+            pygame.font.init()
+            self.font = pygame.font.Font(None, 20)
+        except Exception:  # a pygame built without fonts: the caption still shows the status line
+            self.font = None
+        self.clock = pygame.time.Clock()
+        self.actions: list[int] = []
+        """Every latent action played, in order."""
+        self.label = NONE
+        self.obs, _ = env.reset(seed=seed, options=self.options)
+        self._record(self.obs)
+        self.draw()
+
+    @property
+    def steps(self) -> int:
+        return len(self.actions)
+
+    def handle_events(self) -> None:
+        pg = self.pygame
+        for event in pg.event.get():
+            if event.type == pg.QUIT:
+                self.keys.quit = True
+            elif event.type in (pg.KEYDOWN, pg.KEYUP) and event.key in self._key_names:
+                if event.type == pg.KEYDOWN:
+                    self.keys.key_down(self._key_names[event.key])
+                else:
+                    self.keys.key_up(self._key_names[event.key])
+
+    def choose_action(self) -> tuple[int, str]:
+        held = self.keys.action()
+        if held is not None:
+            return held
+        if self.autopilot is not None:
+            a = self.autopilot()
+            return a, f"auto {self.names[a]}"
+        return self.keys.idle_action()
+
+    def tick(self) -> bool:
+        """One frame of the loop; False once the user has quit."""
+        self.handle_events()
+        if self.keys.quit:
+            return False
+        if self.keys.restart:
+            self.keys.restart = False
+            self.obs, _ = self.env.reset(options=self.options)
+            self._record(self.obs)
+        elif not self.keys.paused or self.autopilot is not None:  # pausing a headless run would never end
+            action, self.label = self.choose_action()
+            self.obs, *_ = self.env.step(action)
+            self.actions.append(action)
+            self._record(self.obs)
+        self.draw()
+        self.clock.tick(self.fps if self.autopilot is None else 0)
+        return True
+
+    def status(self) -> str:
+        paused = "  PAUSED" if self.keys.paused and self.autopilot is None else ""
+        return f"{self.label}  {self.clock.get_fps():4.1f} fps  step {self.steps}{paused}"
+
+    def draw(self) -> None:
+        pg = self.pygame
+        frame = pg.surfarray.make_surface(np.ascontiguousarray(self.obs.transpose(1, 0, 2)))
+        self.screen.fill((0, 0, 0))
+        self.screen.blit(pg.transform.scale(frame, self.size), (0, 0))
+        text = self.status()
+        if self.font is not None:
+            self.screen.blit(self.font.render(text, True, (230, 230, 230)), (4, self.size[1] + 4))
+        pg.display.set_caption(f"genie-play  {text}")
+        pg.display.flip()
+
+    def screenshot(self) -> np.ndarray:
+        """The window as (H, W, 3) uint8."""
+        return self.pygame.surfarray.array3d(self.screen).transpose(1, 0, 2).copy()
+
+    def close(self) -> None:
+        self.pygame.display.quit()
+
+    def _record(self, obs: np.ndarray) -> None:
+        if self.writer is not None:
+            self.writer.write(obs)
+
+
+# ---------------------------------------------------------------------------------------- command line
+@dataclass
+class PlayArgs:
+    """genie-play: play a Genie world model with the keyboard."""
+
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "checkpoint folder or hub repo id (default: the shipped model)"})
+    seed: int | None = field(default=None, metadata={"help": "seed of prompts and sampling (default: random)"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "start from this image file (resized to the model's frames) instead of the prompt bank"})
+    maskgit_steps: int | None = field(default=None, metadata={
+        "help": "MaskGIT steps per frame: fewer is faster (default: the model's)"})
+    temperature: float | None = field(default=None, metadata={
+        "help": "sampling temperature, 0 = greedy (default: the model's)"})
+    fps: int = field(default=15, metadata={"help": "frames per second of the window and of recordings"})
+    scale: int = field(default=8, metadata={"help": "window (and recording) pixels per frame pixel"})
+    record: str | None = field(default=None, metadata={
+        "help": "save the session to this .mp4 or .gif, and a screenshot .png next to it"})
+    headless: bool = field(default=False, metadata={
+        "help": "no window: auto-play --steps frames and save a clip (default genie-play.mp4)"})
+    steps: int | None = field(default=None, metadata={
+        "help": "stop after this many frames (headless default: 60)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "bf16 or fp32 inference (default: bf16 where supported)", "choices": ["bf16", "fp32"]})
+
+
+HEADLESS_STEPS = 60
+HEADLESS_RECORD = "genie-play.mp4"
+_TYPES = {"str | None": str, "int | None": int, "float | None": float, "int": int, "bool": bool}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PlayArgs:
+    parser = argparse.ArgumentParser(prog="genie-play", description=PlayArgs.__doc__,
+                                     epilog="keys: arrows/WASD move (up = jump), 1-9 latent actions, R restart, "
+                                            "Space pause, Esc/Q quit")
+    for f in dataclasses.fields(PlayArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _TYPES[f.type]
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    args = PlayArgs(**vars(parser.parse_args(argv)))
+    for name in ("fps", "scale", "steps", "maskgit_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.record is not None and Path(args.record).suffix.lower() not in (".mp4", ".gif"):
+        parser.error(f"--record must end in .mp4 or .gif, got {args.record!r}")
+    return args
+
+
+def no_display() -> bool:
+    """True on Linux/BSD with neither X11 nor Wayland to open a window on (macOS/Windows always have one)."""
+    if not sys.platform.startswith(("linux", "freebsd", "openbsd", "netbsd")):
+        return False
+    return not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.environ.get("SDL_VIDEODRIVER"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse has already printed
+        return int(e.code or 0)
+    headless = args.headless
+    if not headless and no_display():
+        print("genie-play: no display (DISPLAY and WAYLAND_DISPLAY are unset): running headless", file=sys.stderr)
+        headless = True
+    if headless:
+        os.environ["SDL_VIDEODRIVER"] = "dummy"
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    try:
+        import pygame  # noqa: F401
+    except ImportError:
+        print("genie-play needs pygame: pip install 'genie-env[viewer]'", file=sys.stderr)
+        return 2
+
+    from genie_env.env import GenieEnv
+    from genie_env.hub import CheckpointError
+
+    try:
+        env = GenieEnv(args.checkpoint, device=args.device, dtype=args.dtype, maskgit_steps=args.maskgit_steps,
+                       temperature=args.temperature)
+    except (CheckpointError, ValueError, TypeError) as e:
+        print(f"genie-play: {e}", file=sys.stderr)
+        return 2
+
+    prompt = None
+    if args.prompt is not None:
+        try:
+            prompt = load_image(args.prompt, env.observation_space.shape[0])
+        except OSError as e:
+            print(f"genie-play: cannot read --prompt {args.prompt!r}: {e}", file=sys.stderr)
+            return 2
+    elif env.prompt_bank is None:
+        print("genie-play: this checkpoint ships no prompt bank (prompts.npz): pass --prompt image.png",
+              file=sys.stderr)
+        return 2
+
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    steps = args.steps if args.steps is not None or not headless else HEADLESS_STEPS
+    record = args.record if args.record is not None or not headless else HEADLESS_RECORD
+    writer = VideoWriter(record, fps=args.fps, scale=args.scale) if record else None
+    autopilot = None
+    if headless:
+        choices = sorted(set(env.action_map.values())) or list(range(int(env.action_space.n)))
+        autopilot = AutoPilot(choices, np.random.default_rng(seed))
+    else:
+        print("genie-play: arrows/WASD move (up = jump), 1-9 latent actions, R restart, Space pause, Esc/Q quit")
+    print(f"genie-play: seed {seed}")
+
+    viewer = None
+    try:
+        viewer = Viewer(env, scale=args.scale, fps=args.fps, seed=seed, autopilot=autopilot, writer=writer,
+                        prompt=prompt)
+        while (steps is None or viewer.steps < steps) and viewer.tick():
+            pass
+    except pygame.error as e:
+        print(f"genie-play: cannot open a window ({e}); try --headless", file=sys.stderr)
+        return 1
+    finally:
+        saved = writer.close() if writer is not None else None
+        if viewer is not None:
+            if saved is not None:
+                shot = save_png(viewer.screenshot(), saved.with_suffix(".png"))
+                print(f"genie-play: saved {viewer.steps} steps to {saved} and a screenshot to {shot}")
+            viewer.close()
+        env.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
