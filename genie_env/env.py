@@ -406,6 +406,8 @@ def check_action(action: Any, n: int, name: str = "action") -> int:
     what = f"an int in [0, {n}) (a latent action)"
     if isinstance(action, (bool, np.bool_)):
         raise TypeError(f"{name} must be {what}, got bool {action!r}")
+    if isinstance(action, np.timedelta64):  # numpy counts timedelta64 as an integer type
+        raise TypeError(f"{name} must be {what}, got numpy.timedelta64 {action!r}")
     if isinstance(action, np.ndarray):
         if action.shape != ():
             raise ValueError(f"{name} must be a scalar, {what}, got an array of shape {action.shape}")

@@ -15,6 +15,14 @@ def _shape(x) -> str:
     return "(" + ", ".join(str(s) for s in x.shape) + ")"
 
 
+def _check_holds_data(x: torch.Tensor, name: str) -> None:
+    """Sparse and meta tensors pass shape and dtype checks, then fail deep inside torch: refuse them here."""
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {x.layout} (call .to_dense() first)")
+    if x.is_meta:
+        raise ValueError(f"{name} must be a tensor that holds data (on the cpu or a gpu), got one on the meta device")
+
+
 def check_frames(
     frames, config: GenieConfig, name: str, video: bool | None, min_frames: int = 1,
     device: torch.device | None = None,
@@ -27,6 +35,7 @@ def check_frames(
     if not isinstance(frames, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {what} with values in [0, 1], "
                         f"got {type(frames).__name__}")
+    _check_holds_data(frames, name)
     dims = {False: (4,), True: (5,), None: (4, 5)}[video]
     if frames.dim() not in dims or frames.shape[1] != c or tuple(frames.shape[-2:]) != (size, size):
         raise ValueError(f"{name} must have shape {what}, got {_shape(frames)}")
@@ -52,6 +61,7 @@ def check_tokens(tokens, config: GenieConfig, name: str, device: torch.device | 
     g, v = config.token_grid, config.tokenizer_vocab_size
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, T, {g}, {g}), got {type(tokens).__name__}")
+    _check_holds_data(tokens, name)
     if tokens.dim() != 4 or tuple(tokens.shape[-2:]) != (g, g) or tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"{name} must have shape (B, T, {g}, {g}) with B, T >= 1, got {_shape(tokens)}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
@@ -69,15 +79,20 @@ def check_actions(actions, config: GenieConfig, name: str, shape: tuple[int, ...
     n = config.action_vocab_size
     want = "(" + ", ".join(str(s) for s in shape) + ")"
     if isinstance(actions, np.ndarray) or isinstance(actions, (list, tuple)):
-        arr = np.asarray(actions)
+        try:
+            arr = np.asarray(actions)
+        except ValueError:  # a ragged nested list
+            raise ValueError(f"{name} must have shape {want}, got a ragged nested sequence") from None
         if arr.dtype.kind not in "iu":
             raise TypeError(f"{name} must hold integers in [0, {n}), got dtype {arr.dtype}")
         actions = torch.from_numpy(arr.astype(np.int64))
-    elif isinstance(actions, numbers.Integral) and not isinstance(actions, bool) and shape == (1,):
+    elif (isinstance(actions, numbers.Integral) and not isinstance(actions, (bool, np.timedelta64))
+          and shape == (1,)):
         actions = torch.tensor([int(actions)])
     if not isinstance(actions, torch.Tensor):
         raise TypeError(f"{name} must be a long tensor of shape {want} with values in [0, {n}), "
                         f"got {type(actions).__name__}")
+    _check_holds_data(actions, name)
     if actions.is_floating_point() or actions.is_complex() or actions.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor with values in [0, {n}), got {actions.dtype}")
     if tuple(actions.shape) != tuple(shape):

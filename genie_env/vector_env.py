@@ -217,9 +217,13 @@ class GenieVectorEnv(VectorEnv):
         n, k = self.num_envs, self.single_action_space.n
         what = f"an integer array of shape ({n},) with latent actions in [0, {k})"
         if isinstance(actions, (list, tuple)):
-            if not all(isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in actions):
+            if not all(isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_, np.timedelta64))
+                       for a in actions):
                 raise TypeError(f"actions must be {what}, got a {type(actions).__name__} holding non-integers")
-            actions = np.asarray(actions, dtype=np.int64)
+            try:
+                actions = np.asarray(actions, dtype=np.int64)
+            except OverflowError:
+                raise ValueError(f"actions must be {what}, got {actions!r}") from None
         if not isinstance(actions, np.ndarray):
             raise TypeError(f"actions must be {what}, got {type(actions).__name__}")
         if actions.dtype.kind not in "iu":

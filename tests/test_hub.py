@@ -205,6 +205,31 @@ def test_loading_never_unpickles(tiny_checkpoint, monkeypatch):
     Genie.from_pretrained(tiny_checkpoint)
 
 
+def test_push_to_hub_uploads_checkpoint_with_model_card(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return "https://hub.example/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = tiny_model()
+    url = model.push_to_hub("genie-org/pushed", token="t0k")
+    assert url == "https://hub.example/commit/1" and uploaded["repo"] == "genie-org/pushed"
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded["files"])
+    card = uploaded["files"]["README.md"].decode()
+    assert card.startswith("---\n") and "library_name: genie-env" in card and "genie-org/pushed" in card
+
+
 def test_write_tiny_checkpoint_fixture_round_trips(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "x", seed=9)
     assert Genie.from_pretrained(path).config.image_size == 16

@@ -224,6 +224,7 @@ def test_all_stages_produce_loadable_releases(trained_run):
         assert len(losses(sdir / "metrics.csv")) == {"tokenizer": 6, "lam": 6, "dynamics": 8}[stage]
         assert (sdir / "val_metrics.csv").is_file()
         assert list((sdir / "samples").glob("*.png")) or stage == "lam"
+    assert list((tmp / "run" / "dynamics" / "samples").glob("*.gif"))  # rollouts to watch
     assert "release model in" in r.stdout
 
 

@@ -160,6 +160,7 @@ def evaluate_stage(model: Genie, stage: str, clips: dict, samples_to: Path | Non
     if samples_to:
         save_strip(torch.stack([x[:4, :, : gen.shape[2]], gen[:4]], 1).flatten(0, 1).transpose(1, 2),
                    samples_to.with_suffix(".png"))
+        save_gif(torch.cat([x[:4, :, : gen.shape[2]], gen[:4]], dim=-1), samples_to.with_suffix(".gif"))
     return res
 
 
@@ -174,6 +175,18 @@ def save_strip(frames: torch.Tensor, path: Path, scale: int = 2) -> None:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def save_gif(clips: torch.Tensor, path: Path, scale: int = 3, fps: int = 8) -> None:
+    """Save (B, 3, T, H, W) clips in [0, 1] as one animated GIF, the clips side by side."""
+    from PIL import Image
+
+    b, _, t, h, w = clips.shape
+    frames = clips.permute(2, 3, 0, 4, 1).reshape(t, h, b * w, 3)
+    imgs = [Image.fromarray((f.clamp(0, 1) * 255).round().byte().numpy()).resize((b * w * scale, h * scale),
+                                                                                 Image.NEAREST) for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
 
 
 def print_table(res: dict) -> None:

@@ -49,7 +49,7 @@ def infer_with_groups(model: Genie, val_data: Path, max_transitions: int = 20000
         if not meta or "action_groups" not in meta:
             continue
         for start in range(0, e.frames - clip + 1, clip):
-            x = torch.from_numpy(cache.clip(i, start, clip)).permute(3, 0, 1, 2)[None].float() / 255
+            x = torch.from_numpy(np.array(cache.clip(i, start, clip))).permute(3, 0, 1, 2)[None].float() / 255
             lat.append(model.infer_actions(x)[0].numpy())
             grp.append(np.array(meta["action_groups"][start : start + clip - 1]))
             total += clip - 1

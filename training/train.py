@@ -22,6 +22,7 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -304,6 +305,7 @@ class Trainer:
         ckpt_path = sdir / "checkpoint.pt"
         if self.is_main:
             (sdir / "samples").mkdir(parents=True, exist_ok=True)
+            _remove_partial_writes(sdir)
         state = None
         if args.resume and ckpt_path.is_file():
             state = load_checkpoint(ckpt_path)
@@ -353,7 +355,7 @@ class Trainer:
 
             bar = tqdm(total=max_steps, initial=step, desc=stage, dynamic_ncols=True, mininterval=2.0)
         start_step = step
-        if self.is_main and state is not None:
+        if self.is_main:
             _truncate_csv(csv_path, step)
             _truncate_csv(sdir / "val_metrics.csv", step)
         last_ckpt_time = time.time()
@@ -362,6 +364,7 @@ class Trainer:
         steps_since = 0
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         status = "done"
+        saved = None
         while step < max_steps:
             x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
             with autocast:
@@ -402,7 +405,7 @@ class Trainer:
                    or step == max_steps or stop)
             if self._agree(due):
                 saved = self._save(stage, genie, opt, sched, sampler, step, elapsed, ckpt_path, sdir)
-                if saved:
+                if saved != "failed":
                     last_good = ckpt_path
                 last_ckpt_time = time.time()
             if stop:
@@ -411,6 +414,15 @@ class Trainer:
                 break
         if bar:
             bar.close()
+        # A run resumed at its last step (killed after the final checkpoint, before its release or DONE) has
+        # a release one step behind; a final write that failed must not pass for a finished stage.
+        if status == "done" and self._agree(saved != "saved"):
+            saved = self._save(stage, genie, opt, sched, sampler, step, elapsed, ckpt_path, sdir)
+            if saved != "saved":
+                raise RuntimeError(
+                    f"stage {stage}: reached step {step} but its final checkpoint and release could not be "
+                    f"written (see the warnings above); the last good checkpoint is {last_good}: make room, "
+                    "then run again with --resume")
         if status == "done" and self.is_main:
             if val is not None:
                 self._validate(stage, genie, val, step, csv_path, writer, sdir)
@@ -436,14 +448,16 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def _save(self, stage, genie, opt, sched, sampler, step, elapsed, ckpt_path, sdir) -> bool:
+    def _save(self, stage, genie, opt, sched, sampler, step, elapsed, ckpt_path, sdir) -> str:
+        """Write the resume checkpoint, then the release folder. Returns "saved", "checkpoint" (the release
+        could not be written) or "failed" (the checkpoint could not be written; the previous one is intact)."""
         samplers = [sampler.state_dict()]
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, sampler.state_dict())
             samplers = gathered
         if not self.is_main:
-            return True
+            return "saved"
         state = {
             "stage": stage, "step": step, "elapsed": elapsed, "model": genie.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -455,11 +469,11 @@ class Trainer:
             genie.save_pretrained(sdir / "release")
         except CheckpointWriteError as e:
             self.log(f"warning: {e}")
-            return False
+            return "failed"
         except OSError as e:
             self.log(f"warning: writing the release folder failed ({e}); the checkpoint {ckpt_path} is intact")
-            return True
-        return True
+            return "checkpoint"
+        return "saved"
 
     def _writer(self, sdir: Path):
         try:
@@ -506,12 +520,32 @@ class Trainer:
 
 
 def _truncate_csv(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    """Drop rows logged after the checkpoint a run resumes from, or all of them when it starts from step 0
+    (they will be logged again). Rewritten atomically: a kill here must not lose the rows kept."""
     if not path.is_file():
         return
+    if step == 0:  # (a run killed before its first checkpoint may even have left half a header)
+        path.unlink()
+        return
     lines = path.read_text().splitlines(keepends=True)
-    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
-    path.write_text("".join(keep))
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.endswith("\n") and ln.split(",", 1)[0].isdigit()
+                        and int(ln.split(",", 1)[0]) <= step]
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _remove_partial_writes(sdir: Path) -> None:
+    """Delete what writes interrupted by a kill left behind (the checkpoint and release they were replacing
+    are intact): checkpoint temp files and release temp folders. Called under the run lock."""
+    for tmp in sdir.glob("checkpoint.pt.tmp*"):
+        tmp.unlink(missing_ok=True)
+    release_there = (sdir / "release").is_dir()
+    for tmp in sdir.glob("release.*"):
+        # while release/ is missing (a kill between the two renames of save_pretrained), release.old is the
+        # one loadable copy until the next save: it stays
+        if tmp.is_dir() and (tmp.name != "release.old" or release_there):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 _PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics"}

@@ -1,0 +1,46 @@
+"""Exporting a release into a shippable folder: prompt bank of real frames, action map, half precision."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from conftest import write_tiny_checkpoint
+from genie_env import Genie
+from test_training import moving_square_videos
+from training.export import action_map, main as export_main
+
+
+def test_action_map_picks_the_most_associated_latent_action():
+    rng = np.random.default_rng(0)
+    groups = rng.choice(["LEFT", "RIGHT", "NONE", "UP"], size=4000)
+    truth = {"LEFT": 5, "RIGHT": 2, "NONE": 0, "UP": 7}
+    noisy = rng.random(4000) < 0.3
+    latents = np.where(noisy, rng.integers(0, 8, 4000), np.vectorize(truth.get)(groups))
+    am = action_map(latents, groups, 8)
+    assert am["map"] == truth
+    assert sum(am["counts"]["LEFT"]) == int((groups == "LEFT").sum())
+
+
+def test_export_writes_a_loadable_shippable_folder(tmp_path):
+    release = write_tiny_checkpoint(tmp_path / "release", n_prompts=2)
+    val = moving_square_videos(tmp_path / "val", n=3, frames=20)
+    out = tmp_path / "weights"
+    assert export_main(["--release", str(release), "--val-data", str(val), "--out", str(out), "--prompts", "10"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["action_map.json", "config.json", "model.safetensors",
+                                                     "prompts.npz"]
+    model = Genie.from_pretrained(out)
+    frames = np.load(out / "prompts.npz")["frames"]
+    assert frames.shape == (10, 16, 16, 3) and frames.dtype == np.uint8
+    # the bank holds real frames of the validation videos (each video's first frame comes first)
+    from training.video import read_video
+
+    assert np.array_equal(frames[0], read_video(val / "videos" / "video_000.mp4")[0])
+    amap = json.loads((out / "action_map.json").read_text())
+    assert set(amap) <= {"LEFT", "RIGHT", "NONE", "UP", "LEFT+UP", "RIGHT+UP"} and set(amap) >= {"LEFT", "RIGHT"}
+    assert all(0 <= v < 8 for v in amap.values())
+    ref = Genie.from_pretrained(release)
+    assert model.dynamics.head.weight.dtype == torch.float32
+    torch.testing.assert_close(model.dynamics.head.weight, ref.dynamics.head.weight, atol=1e-3, rtol=1e-3)
