@@ -10,6 +10,7 @@ detected and rebuilt instead of trained on.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -73,12 +74,17 @@ class FrameCache:
         self.log = log
         videos = list_videos(self.data_dir)
         signature = [[v.name, v.stat().st_size, v.stat().st_mtime_ns] for v in videos]
-        manifest = self._load_manifest()
-        if manifest is None or manifest.get("signature") != signature or manifest.get("version") != CACHE_VERSION:
-            manifest = self._build(videos, signature)
-        elif verify and not self._verify(manifest):
-            self.log(f"frame cache {self.cache_dir} is corrupted (checksum mismatch): rebuilding it")
-            manifest = self._build(videos, signature)
+        # One process builds or checks the cache at a time (the ranks of a distributed run, two runs on
+        # one dataset); the others wait and then find it ready.
+        self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_dir.parent / (self.cache_dir.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            manifest = self._load_manifest()
+            if manifest is None or manifest.get("signature") != signature or manifest.get("version") != CACHE_VERSION:
+                manifest = self._build(videos, signature)
+            elif verify and not self._verify(manifest):
+                self.log(f"frame cache {self.cache_dir} is corrupted (checksum mismatch): rebuilding it")
+                manifest = self._build(videos, signature)
         self.manifest = manifest
         self.shards = [
             np.memmap(self.cache_dir / s["file"], dtype=np.uint8, mode="r",
