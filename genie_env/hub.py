@@ -209,6 +209,7 @@ class HubMixin:
         out = Path(save_directory)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
         try:
             state = {}
             for k, v in self.state_dict().items():  # type: ignore[attr-defined]

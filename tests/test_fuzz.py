@@ -97,7 +97,10 @@ def small_arrays() -> st.SearchStrategy:
     return hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
 
 
-def torch_tensors(shape=st.lists(st.integers(0, 4), max_size=3)) -> st.SearchStrategy:
+def torch_tensors(shape: st.SearchStrategy | None = None) -> st.SearchStrategy:
+    """Small tensors of many dtypes (shape: a strategy of shapes; default any shape of up to 3 dims)."""
+    shape = shape if shape is not None else st.lists(st.integers(0, 4), max_size=3)
+
     @st.composite
     def make(draw):
         dtype = draw(st.sampled_from([torch.long, torch.int32, torch.uint8, torch.int8, torch.bool, torch.float32,

@@ -194,6 +194,43 @@ def test_wrong_resolution_videos_are_resized(tmp_path):
     assert any("resized 1 video(s) to 16x16" in str(w.message) for w in caught)
 
 
+def _write_video_as(path: Path, frames: np.ndarray, pix_fmt: str, codec: str, container: str) -> None:
+    """Frames in another pixel format than RGB (PyAV), under an .mp4 name whatever the container."""
+    import av
+
+    with av.open(str(path), "w", format=container) as c:
+        s = c.add_stream(codec, rate=15)
+        s.pix_fmt, s.width, s.height = pix_fmt, frames.shape[2], frames.shape[1]
+        fmt = {"bgra": "rgba"}.get(pix_fmt, pix_fmt)
+        for f in frames:
+            for packet in s.encode(av.VideoFrame.from_ndarray(f, format=fmt)):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def test_grayscale_and_rgba_videos_are_read_as_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (5, 16, 16), dtype=np.uint8)
+    gray16 = rng.integers(0, 65536, (5, 16, 16), dtype=np.uint16)
+    rgba = rng.integers(0, 256, (5, 16, 16, 4), dtype=np.uint8)
+    vdir = tmp_path / "d" / "videos"
+    vdir.mkdir(parents=True)
+    _write_video_as(vdir / "a_gray.mp4", gray, "gray", "ffv1", "matroska")
+    _write_video_as(vdir / "b_gray16.mp4", gray16, "gray16le", "ffv1", "matroska")
+    _write_video_as(vdir / "c_rgba.mp4", rgba, "rgba", "png", "mp4")
+    _write_video_as(vdir / "d_bgra.mp4", rgba, "bgra", "ffv1", "matroska")
+    cache = FrameCache(tmp_path / "d", 16, log=lambda *a: None)
+    assert [v.name for v in cache.videos] == ["a_gray.mp4", "b_gray16.mp4", "c_rgba.mp4", "d_bgra.mp4"]
+    clips = [cache.clip(i, 0, 5) for i in range(4)]
+    assert all(c.shape == (5, 16, 16, 3) and c.dtype == np.uint8 for c in clips)
+    np.testing.assert_array_equal(clips[0], np.repeat(gray[..., None], 3, -1))
+    assert np.abs(clips[1].astype(int) - np.repeat(gray16[..., None] / 257, 3, -1)).max() <= 2  # 16 -> 8 bits
+    np.testing.assert_array_equal(clips[2], rgba[..., :3])  # alpha dropped, colours kept
+    np.testing.assert_array_equal(clips[3], rgba[..., :3])
+    assert ClipSampler(cache, 4).sample(3).shape == (3, 4, 16, 16, 3)
+
+
 def test_train_cli_reports_bad_dataset(tmp_path):
     cfg = tiny_train_config(tmp_path / "c.yaml")
     (tmp_path / "empty").mkdir()
@@ -310,7 +347,7 @@ def _wait_for(pred, timeout=120):
 
 def test_sigterm_saves_and_second_run_is_refused(tmp_path):
     data = moving_square_videos(tmp_path / "d", n=2, frames=6)
-    cfg = tiny_train_config(tmp_path / "c.yaml", tokenizer={"max_steps": 100000})
+    cfg = tiny_train_config(tmp_path / "c.yaml", tokenizer={"max_steps": 100000, "epochs": 1000000})
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(cfg), "--data", str(data), "--out",
                           str(out), "--stage", "tokenizer", "--no-progress", "--log-every", "1", "--threads", "1"],
