@@ -46,6 +46,18 @@ def context_stack(frames: torch.Tensor, k: int) -> torch.Tensor:
     return rearrange(ctx, "b t c k H W -> b t (k c) H W")
 
 
+def translate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Shift images (N, C, H, W) by (N, 2) pixels (x, y) with bilinear sampling, edges repeated."""
+    n, _, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = 1
+    theta[:, 1, 1] = 1
+    theta[:, 0, 2] = -2 * shift[:, 0] / w
+    theta[:, 1, 2] = -2 * shift[:, 1] / h
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class ActionUNet(nn.Module):
     """Predicts the change x_{t+1} - x_t from context frames, modulated by an action code at every level.
 
@@ -65,6 +77,11 @@ class ActionUNet(nn.Module):
         self.up = nn.ModuleList(nn.Conv2d(chans[i + 1], chans[i], 3, padding=1) for i in range(levels - 1))
         self.dec_blocks = nn.ModuleList(ResBlock(c) for c in chans[:-1])
         self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(chans[0], c_out * 4, 3, padding=1), nn.PixelShuffle(2))
+        # a global translation of the last frame, from the bottleneck: the camera scroll that dominates
+        # the change between frames in a side-scroller, which an action nudges by a fraction of a pixel
+        self.shift = nn.Sequential(nn.SiLU(), nn.Linear(chans[-1], 64), nn.SiLU(), nn.Linear(64, 2))
+        nn.init.zeros_(self.shift[-1].weight)
+        nn.init.zeros_(self.shift[-1].bias)
         # (no zero initialisation of the FiLM layers: a decoder that starts blind to the code sends the
         # encoder no gradient, and every transition collapses onto one latent action)
 
@@ -73,7 +90,8 @@ class ActionUNet(nn.Module):
         scale, shift = film(code.to(h.dtype)).chunk(2, dim=1)
         return h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
-    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual (N, c_out, H, W) and global shift (N, 2) in pixels (x, y)."""
         h = self.stem(x)
         skips = []
         for i in range(self.levels):
@@ -81,10 +99,11 @@ class ActionUNet(nn.Module):
             if i < self.levels - 1:
                 skips.append(h)
                 h = self.down[i](h)
+        shift = 4 * torch.tanh(self.shift(h.mean(dim=(2, 3))).float())
         for i in reversed(range(self.levels - 1)):
             h = self.up[i](F.interpolate(h, scale_factor=2.0, mode="nearest")) + skips[i]
             h = self.dec_blocks[i](h)
-        return self.out(h)
+        return self.out(h), shift
 
 
 class LatentActionModel(nn.Module):
@@ -123,8 +142,9 @@ class LatentActionModel(nn.Module):
     def decode(self, context: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Predict x_{t+1} in [-1, 1] from context stacks (N, 3k, H, W) and code vectors (N, d)."""
         last = context[:, -self.config.in_channels :]
-        # predict the change from x_t, so the code only has to explain what changed
-        return last + self.decoder(context, code)
+        residual, shift = self.decoder(context, code)
+        # x_t moved by a predicted sub-pixel translation, plus a residual for what moved on its own
+        return translate(last.float(), shift) + residual.float()
 
     def forward(self, frames: torch.Tensor) -> LatentActionOutput:
         b, _, t = frames.shape[:3]
