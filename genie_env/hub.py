@@ -38,6 +38,39 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``out``. Where the system can swap folders atomically,
+    ``out`` is never missing or half written, whatever instant the process dies at; elsewhere there is a
+    moment between two renames when it is absent. ``tmp`` ends up holding the previous contents (or
+    nothing) for the caller to delete."""
+    if not out.exists():
+        tmp.rename(out)
+    elif not _exchange(tmp, out):
+        old = out.with_name(f".{out.name}.tmp-old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match its config."""
 
@@ -208,7 +241,12 @@ class HubMixin:
 
         out = Path(save_directory)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+        old = out.with_name(f".{out.name}.tmp-old")
+        if not out.exists() and old.is_dir():  # a writer killed between the two renames of _publish
+            old.rename(out)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left behind by a writer that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
         try:
             state = {}
@@ -226,15 +264,7 @@ class HubMixin:
                     shutil.copyfile(src, tmp / name)
                 elif (out / name).is_file():
                     shutil.copyfile(out / name, tmp / name)
-            if out.exists():
-                old = out.with_name(out.name + ".old")
-                if old.exists():
-                    shutil.rmtree(old)
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(out)
+            _publish(tmp, out)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

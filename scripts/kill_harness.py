@@ -111,7 +111,7 @@ def partial_writes(out: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {"checkpoint": [], "release": []}
     for s in STAGES:
         found["checkpoint"] += [str(p) for p in (out / s).glob("checkpoint.pt.tmp*")]
-        found["release"] += [str(p) for p in (out / s).glob("release.*")]
+        found["release"] += [str(p) for p in (out / s).glob(".release.tmp-*")]
     return found
 
 

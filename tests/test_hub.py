@@ -35,6 +35,39 @@ def test_save_load_exact(tmp_path):
     assert torch.equal(model.tokenize(x), loaded.tokenize(x))
 
 
+@pytest.mark.parametrize("atomic_swap", [True, False])
+def test_overwriting_a_checkpoint_replaces_it_whole(tmp_path, monkeypatch, atomic_swap):
+    import genie_env.hub as hub
+
+    if not atomic_swap:  # systems without renameat2(RENAME_EXCHANGE): the two-rename fallback
+        monkeypatch.setattr(hub, "_exchange", lambda a, b: False)
+    tiny_model(seed=1).save_pretrained(tmp_path / "ckpt")
+    second = tiny_model(seed=2)
+    second.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folders left
+    loaded = Genie.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.dynamics.head.weight, second.dynamics.head.weight)
+
+
+def test_save_restores_a_checkpoint_left_aside_by_a_killed_writer(tmp_path, monkeypatch):
+    # a writer killed between the fallback's two renames leaves the previous folder as .ckpt.tmp-old;
+    # the next save puts it back first, so that even a save that then fails leaves a loadable folder
+    first = tiny_model(seed=1)
+    first.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.tmp-old")
+    (tmp_path / ".ckpt.tmp-abc").mkdir()  # and a half-written one
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        tiny_model(seed=2).save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    loaded = Genie.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.dynamics.head.weight, first.dynamics.head.weight)
+
+
 def test_half_precision_release_keeps_codebooks_exact(tmp_path):
     model = tiny_model(seed=4)
     model.save_pretrained(tmp_path / "half", dtype=torch.float16)

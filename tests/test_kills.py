@@ -188,7 +188,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(where, reference, t
         assert checkpoint(sdir / "checkpoint.pt")["step"] == 2
     assert Genie.from_pretrained(sdir / "release")  # still the step-2 release
     assert not (sdir / "DONE").exists()
-    assert not list(sdir.glob("checkpoint.pt.tmp*")) and not list(sdir.glob("release.*"))
+    assert not list(sdir.glob("checkpoint.pt.tmp*")) and not list(sdir.glob(".release.tmp-*"))
     trainer(cfg, data, out, "--stage", "tokenizer", "--resume", "--checkpoint-every", "2").run()
     ref = tmp / "reference" / "tokenizer"
     assert (sdir / "DONE").is_file()

@@ -540,12 +540,13 @@ def _remove_partial_writes(sdir: Path) -> None:
     are intact): checkpoint temp files and release temp folders. Called under the run lock."""
     for tmp in sdir.glob("checkpoint.pt.tmp*"):
         tmp.unlink(missing_ok=True)
-    release_there = (sdir / "release").is_dir()
-    for tmp in sdir.glob("release.*"):
-        # while release/ is missing (a kill between the two renames of save_pretrained), release.old is the
-        # one loadable copy until the next save: it stays
-        if tmp.is_dir() and (tmp.name != "release.old" or release_there):
-            shutil.rmtree(tmp, ignore_errors=True)
+    release, old = sdir / "release", sdir / ".release.tmp-old"
+    if not release.is_dir() and old.is_dir():
+        # killed between the two renames of save_pretrained's fallback (systems that cannot swap folders
+        # atomically): the previous release is whole, put it back
+        old.rename(release)
+    for tmp in sdir.glob(".release.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 _PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics"}
