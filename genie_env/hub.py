@@ -256,6 +256,7 @@ class HubMixin:
                     v = v.to(dtype)
                 state[k] = v.contiguous().clone()
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "genie-env"})
+            (tmp / WEIGHTS_NAME).chmod(0o644)  # written private; a released model is an ordinary file
             self.config.to_json(tmp / CONFIG_NAME)
             files = {**{k: Path(v) for k, v in self.extra_files.items()},
                      **{k: Path(v) for k, v in (extra_files or {}).items()}}

@@ -169,7 +169,10 @@ class GenieSession:
         self.batch_size = prompt.shape[0]
         if context_frames is not None and (isinstance(context_frames, bool) or not isinstance(context_frames, int)):
             raise TypeError(f"context_frames must be an int, got {context_frames!r}")
-        self.cache = model.dynamics.new_cache(self.batch_size, device=model.device, window=context_frames)
+        # keys and values are computed in the autocast dtype: storing them in it loses nothing and spares
+        # converting the whole cache at every pass
+        self.cache = model.dynamics.new_cache(self.batch_size, device=model.device, window=context_frames,
+                                              dtype=model.autocast_dtype or torch.float32)
         self.steps = torch.zeros(self.batch_size, dtype=torch.long)
         self._prime(prompt, None)
 
