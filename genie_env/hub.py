@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-EXTRA_FILES = ("prompts.npz", "action_map.json", "README.md")
+EXTRA_FILES = ("prompts.npz", "action_map.json", "README.md", "samples.png", "keyboard.png")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 

@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     am = action_map(lat, grp, model.config.action_vocab_size)
     (tmp / "action_map.json").write_text(json.dumps(am["map"], indent=1) + "\n")
     extras = {"prompts.npz": tmp / "prompts.npz", "action_map.json": tmp / "action_map.json"}
-    if (a.out / "README.md").is_file():
-        extras["README.md"] = a.out / "README.md"
+    for name in ("README.md", "samples.png", "keyboard.png"):  # the model card and its pictures stay
+        if (a.out / name).is_file():
+            extras[name] = a.out / name
     dtype = torch.float16 if a.dtype == "fp16" else None
     model.save_pretrained(a.out, dtype=dtype, extra_files=extras)
     for f in extras.values():
