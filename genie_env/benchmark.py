@@ -128,7 +128,7 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
         acts = env.action_space.sample()
         env.step(acts)
         k = max(2, min(reps, 200 // n))
-        t = _timeit(lambda: env.step(acts), k)
+        t = _timeit(lambda env=env, acts=acts: env.step(acts), k)
         res["vector_env_steps_per_s"][str(n)] = n / t
         env.close()
         log(f"  {n} envs: {n / t:.1f} steps/s")
@@ -178,8 +178,9 @@ def print_table(res: dict) -> None:
     ]
     for n, v in res["vector_env_steps_per_s"].items():
         rows.append((f"vector env, {n} envs", f"{v:.1f} steps/s"))
-    rows.append((f"step at 10 / at {res['episode_steps']}", f"{res['step_ms_at_10']:.1f} / {res['step_ms_at_end']:.1f} ms "
-                 f"(x{res['step_ms_ratio_end_vs_10']:.2f}, interleaved)"))
+    rows.append((f"step at 10 / at {res['episode_steps']}",
+                 f"{res['step_ms_at_10']:.1f} / {res['step_ms_at_end']:.1f} ms (x"
+                 f"{res['step_ms_ratio_end_vs_10']:.2f}, interleaved)"))
     rows.append((f"RSS over {res['episode_steps']} steps", f"{res['rss_mb_start']:.0f} -> {res['rss_mb_end']:.0f} MB "
                                                           f"(peak {res['peak_rss_mb']:.0f})"))
     w = max(len(r[0]) for r in rows)

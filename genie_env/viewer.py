@@ -470,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if viewer is not None:
             if saved is not None:
                 shot = save_png(viewer.screenshot(), saved.with_suffix(".png"))
-                print(f"genie-play: saved {viewer.steps} steps to {saved.resolve()} and a screenshot to {shot.resolve()}")
+                print(f"genie-play: saved {viewer.steps} steps to {saved.resolve()} "
+                      f"and a screenshot to {shot.resolve()}")
             viewer.close()
         env.close()
     return 0

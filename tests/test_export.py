@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
-
 from conftest import write_tiny_checkpoint
-from genie_env import Genie
 from test_training import moving_square_videos
-from training.export import action_map, main as export_main
+
+from genie_env import Genie
+from training.export import action_map
+from training.export import main as export_main
 
 
 def test_action_map_picks_the_most_associated_latent_action():
@@ -44,3 +46,20 @@ def test_export_writes_a_loadable_shippable_folder(tmp_path):
     ref = Genie.from_pretrained(release)
     assert model.dynamics.head.weight.dtype == torch.float32
     torch.testing.assert_close(model.dynamics.head.weight, ref.dynamics.head.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_export_sets_shipped_sampling_and_keeps_the_model_card(tmp_path):
+    release = write_tiny_checkpoint(tmp_path / "release", n_prompts=2)
+    val = moving_square_videos(tmp_path / "val", n=3, frames=20)
+    out = tmp_path / "weights"
+    out.mkdir()
+    (out / "README.md").write_text("# card\n")
+    (out / "samples.png").write_bytes(b"png")
+    args = ["--release", str(release), "--val-data", str(val), "--out", str(out), "--prompts", "4"]
+    assert export_main(args + ["--maskgit-steps", "3", "--temperature", "0.25"]) == 0
+    model = Genie.from_pretrained(out)
+    assert (model.config.maskgit_steps, model.config.temperature) == (3, 0.25)
+    assert (out / "README.md").read_text() == "# card\n" and (out / "samples.png").read_bytes() == b"png"
+    with pytest.raises(SystemExit):
+        export_main(args + ["--maskgit-steps", "0"])
+    assert Genie.from_pretrained(out).config.maskgit_steps == 3  # a refused export leaves the folder alone

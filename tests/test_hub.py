@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model, write_tiny_checkpoint
+from hub_server import HubServer
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_model, write_tiny_checkpoint
 from genie_env import CheckpointError, Genie
-from hub_server import HubServer
 
 TESTS = Path(__file__).parent
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_config, tiny_model
+
 from genie_env import ConfigError, Genie, GenieConfig, create_genie_large, create_genie_small
 from genie_env.models.dynamics import mask_schedule
 
@@ -229,7 +229,8 @@ def test_tokenizer_round_trip_after_training():
         (lambda m: m.detokenize(torch.zeros(1, 1, 5, 5, dtype=torch.long)), "tokens must have shape"),
         (lambda m: m.detokenize(torch.zeros(1, 1, 4, 4)), "tokens must be an integer tensor"),
         (lambda m: m.infer_actions(torch.rand(1, 3, 1, 16, 16)), "at least 2 frames"),
-        (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([8])), r"action values must be latent actions in \[0, 8\)"),
+        (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([8])),
+         r"action values must be latent actions in \[0, 8\)"),
         (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([-1])), "latent actions"),
         (lambda m: m.play(torch.rand(1, 3, 16, 16), torch.tensor([0.5])), "integer"),
         (lambda m: m.play(torch.rand(2, 3, 16, 16), torch.tensor([1])), r"action must have shape \(2\)"),

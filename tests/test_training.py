@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import TINY
+
 from training.data import ClipSampler, DatasetError, FrameCache
 from training.video import read_video, write_video
 
@@ -48,7 +48,7 @@ def moving_square_videos(folder: Path, n: int = 4, frames: int = 12, size: int =
     for i in range(n):
         pos = rng.integers(2, size - 6, 2)
         out, acts = [], []
-        for t in range(frames):
+        for _ in range(frames):
             f = np.full((size, size, 3), 40, np.uint8)
             f[pos[0] : pos[0] + 4, pos[1] : pos[1] + 4] = (250, 200, 30)
             out.append(f)
@@ -330,7 +330,8 @@ def test_nan_loss_stops_naming_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod.StageModule, "forward", poisoned)
     args = train_mod.parse_args(["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run"),
                                  "--stage", "tokenizer", "--no-progress", "--checkpoint-every", "2", "--threads", "1"])
-    with pytest.raises(FloatingPointError, match=r"loss became nan at step 4; the last good checkpoint is .*checkpoint.pt"):
+    msg = r"loss became nan at step 4; the last good checkpoint is .*checkpoint.pt"
+    with pytest.raises(FloatingPointError, match=msg):
         train_mod.Trainer(args, log=lambda *a: None).run()
     torch.set_num_threads(os.cpu_count() or 1)
     ck = torch.load(tmp_path / "run" / "tokenizer" / "checkpoint.pt", weights_only=True)
@@ -353,7 +354,8 @@ def test_sigterm_saves_and_second_run_is_refused(tmp_path):
                           str(out), "--stage", "tokenizer", "--no-progress", "--log-every", "1", "--threads", "1"],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (out / "tokenizer" / "metrics.csv").is_file() and len(losses(out / "tokenizer" / "metrics.csv")) > 3)
+        csv = out / "tokenizer" / "metrics.csv"
+        _wait_for(lambda: csv.is_file() and len(losses(csv)) > 3)
         second = train(cfg, data, out, "--stage", "tokenizer", "--resume", check=False)
         assert second.returncode == 2 and "another training run" in second.stderr
         p.send_signal(signal.SIGTERM)

@@ -12,6 +12,7 @@ with it (each latent action used once, strongest associations first). The viewer
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from genie_env import Genie
+from genie_env.config import ConfigError
 from training.data import FrameCache, load_actions
 
 GROUPS = ("LEFT", "RIGHT", "UP", "LEFT+UP", "RIGHT+UP", "NONE")
@@ -94,9 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
+    p.add_argument("--maskgit-steps", type=int, default=None,
+                   help="the shipped default number of MaskGIT steps (default: the release's)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="the shipped default sampling temperature (default: the release's)")
     a = p.parse_args(argv)
     model = Genie.from_pretrained(a.release)
-    model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and a.out.resolve() != a.release.resolve()}
+    sampling = {k: v for k, v in (("maskgit_steps", a.maskgit_steps), ("temperature", a.temperature)) if v is not None}
+    if sampling:
+        try:
+            model.config = dataclasses.replace(model.config, **sampling)
+        except ConfigError as e:
+            p.error(str(e))
+    keep_card = a.out.resolve() != a.release.resolve()
+    model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and keep_card}
     tmp = a.out.with_name(a.out.name + ".extras")
     tmp.mkdir(parents=True, exist_ok=True)
     frames = prompt_bank(a.val_data, model.config.image_size, a.prompts)

@@ -42,7 +42,8 @@ def measure(stage: str, config_path: Path, bf16: bool, steps: int) -> dict:
     sec = statistics.median(times)
     frames = cfg.batch_size * cfg.num_frames
     return {"stage": stage, "dtype": "bf16" if bf16 else "fp32", "batch": cfg.batch_size, "clip_frames": cfg.num_frames,
-            "step_s": sec, "frames_per_s": frames / sec, "cotrain_lam": extra["cotrain_lam"] if stage == "dynamics" else None}
+            "step_s": sec, "frames_per_s": frames / sec,
+            "cotrain_lam": extra["cotrain_lam"] if stage == "dynamics" else None}
 
 
 def main(argv: list[str] | None = None) -> int:

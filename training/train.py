@@ -388,7 +388,8 @@ class Trainer:
                 now = time.time()
                 dt = now - t_log
                 elapsed += dt
-                row = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                row = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(gnorm),
                        "frames_per_s": steps_since * frames_per_step / max(dt, 1e-9), "elapsed_s": elapsed,
                        **{k: float(v) for k, v in metrics.items()}}
                 t_log, steps_since = now, 0

@@ -98,14 +98,14 @@ class SelfAttention(nn.Module):
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, d) -> q, k, v each (B, n, L, d/n)."""
-        b, l, d = x.shape
-        qkv = self.qkv(x).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        b, length, d = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
         """(B, n, L, d/n) -> (B, L, d)."""
-        b, n, l, dh = out.shape
-        return self.proj(out.transpose(1, 2).reshape(b, l, n * dh))
+        b, n, length, dh = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, length, n * dh))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.split(x)
