@@ -57,6 +57,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "tokenizer_dead_code_threshold": (0.0, 1e6),
     "lam_beta": (0.0, 100.0),
     "lam_entropy_weight": (0.0, 100.0),
+    "lam_focus": (0.0, 1000.0),
     "temperature": (0.0, 100.0),
     "mask_rate_min": (0.0, 1.0),
     "mask_rate_max": (0.0, 1.0),
@@ -119,6 +120,9 @@ class GenieConfig:
     """Commitment weight beta in the latent action loss."""
     lam_entropy_weight: float = 0.1
     """Weight of the batch-entropy bonus against latent-action collapse."""
+    lam_focus: float = 0.0
+    """Extra reconstruction weight on pixels the predicted camera motion does not explain (0 = plain MSE):
+    small objects that the action changes (a sprite turning round) then count, not only the scroll."""
 
     # --- dynamics (ST-transformer, MaskGIT) ---
     dynamics_dim: int = 512

@@ -269,3 +269,20 @@ def test_shorter_context_window_attends_to_fewer_frames(tiny):
     assert not torch.allclose(logits[2], logits[None])
     with pytest.raises(ValueError, match="context_frames must be in"):
         tiny.start(torch.rand(1, 3, 16, 16), context_frames=5)
+
+
+def test_lam_focus_weights_what_camera_motion_leaves_unexplained():
+    import dataclasses
+
+    torch.manual_seed(0)
+    x = blocky(b=2, t=3, seed=2)
+    plain = Genie(tiny_config()).latent_actions
+    focused = Genie(dataclasses.replace(tiny_config(), lam_focus=3.0)).latent_actions
+    focused.load_state_dict(plain.state_dict())
+    plain.eval(), focused.eval()  # no codebook updates between the two calls
+    a, b = plain(x), focused(x)
+    assert torch.equal(a.prediction, b.prediction)  # same model: only the loss differs
+    focused.train()
+    assert not torch.isclose(a.recon_loss, b.recon_loss)  # the errors are weighted differently
+    lf = _overfit(lambda: focused(x).recon_loss, focused.parameters())
+    assert lf[-1] < 0.5 * lf[0], lf

@@ -141,18 +141,31 @@ class LatentActionModel(nn.Module):
 
     def decode(self, context: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Predict x_{t+1} in [-1, 1] from context stacks (N, 3k, H, W) and code vectors (N, d)."""
+        return self._decode(context, code)[0]
+
+    def _decode(self, context: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prediction and x_t moved by the predicted camera motion alone."""
         last = context[:, -self.config.in_channels :]
         residual, shift = self.decoder(context, code)
         # x_t moved by a predicted sub-pixel translation, plus a residual for what moved on its own
-        return translate(last.float(), shift) + residual.float()
+        moved = translate(last.float(), shift)
+        return moved + residual.float(), moved
 
     def forward(self, frames: torch.Tensor) -> LatentActionOutput:
         b, _, t = frames.shape[:3]
         z, ctx = self._encode(frames)
         q = self.quantizer(z, return_probs=self.config.lam_entropy_weight > 0)
-        pred = self.decode(ctx, q.quantized)
+        pred, moved = self._decode(ctx, q.quantized)
         target = rearrange(frames[:, :, 1:] * 2 - 1, "b c t H W -> (b t) c H W")
-        recon = F.mse_loss(pred.float(), target)
+        if self.config.lam_focus > 0:
+            # weight each pixel by how much of its change the camera motion leaves unexplained, relative
+            # to the frame's mean: the reconstruction error of a small sprite then matters as much as
+            # that of the scrolling background
+            unexplained = (target - moved.detach()).abs().mean(1, keepdim=True)
+            weight = 1 + self.config.lam_focus * unexplained / (unexplained.mean((2, 3), keepdim=True) + 1e-3)
+            recon = ((pred.float() - target) ** 2 * weight).mean() / weight.mean()
+        else:
+            recon = F.mse_loss(pred.float(), target)
         loss = recon + q.codebook_loss + self.config.lam_beta * q.commitment_loss
         if q.probs is not None:
             mean = q.probs.mean(0)
