@@ -283,6 +283,31 @@ def test_resume_continues_exactly(trained_run):
         assert got[step] == ref[step], (step, got[step], ref[step])
 
 
+def test_init_part_takes_one_part_from_another_release(trained_run, tmp_path):
+    """Fine-tune the dynamics on a different tokenizer: --init-part swaps one part in."""
+    import torch
+    from safetensors.torch import load_file
+
+    tmp, data, cfg, _ = trained_run
+    other = tmp_path / "other"
+    train(cfg, data, other, "--stage", "tokenizer", "seed=7")
+    run_dir = tmp / "run"
+    out = tmp_path / "finetune"
+    train(cfg, data, out, "--stage", "dynamics", "--init-from", str(run_dir / "dynamics" / "release"),
+          "--init-part", f"tokenizer={other / 'tokenizer' / 'release'}", "--stop-after", "1")
+    got = load_file(str(out / "dynamics" / "release" / "model.safetensors"))
+    want_tok = load_file(str(other / "tokenizer" / "release" / "model.safetensors"))
+    old_tok = load_file(str(run_dir / "tokenizer" / "release" / "model.safetensors"))
+    keys = [k for k in want_tok if k.startswith("tokenizer.")]
+    assert keys and all(torch.equal(got[k], want_tok[k]) for k in keys)  # frozen in this stage
+    assert not all(torch.equal(want_tok[k], old_tok[k]) for k in keys)
+    bad = train(cfg, data, tmp_path / "bad", "--stage", "dynamics", "--init-part", "tokeniser=x", check=False)
+    assert bad.returncode == 2 and "expected PART=FOLDER with PART one of tokenizer" in bad.stderr
+    bad = train(cfg, data, tmp_path / "bad2", "--stage", "dynamics", "--init-part", f"tokenizer={tmp_path}",
+                check=False)
+    assert bad.returncode == 2 and "is not a release folder" in bad.stderr
+
+
 def test_existing_run_needs_resume_flag(trained_run):
     tmp, data, cfg, _ = trained_run
     r = train(cfg, data, tmp / "run", "--stage", "dynamics", check=False)

@@ -67,6 +67,9 @@ class TrainArgs:
     """Continue from RUN/<stage>/checkpoint.pt."""
     init_from: Path | None = None
     """Release folder to start the stage's model from (default: the previous stage's release)."""
+    init_part: list[str] = field(default_factory=list)
+    """PART=FOLDER (repeatable): take one part (tokenizer, latent_actions, dynamics) from this release
+    folder instead, e.g. to fine-tune the dynamics on a retrained tokenizer."""
     checkpoint_every: int = 1000
     """Save a resume checkpoint every this many steps ..."""
     checkpoint_minutes: float = 10.0
@@ -293,6 +296,14 @@ class Trainer:
                         self.log(f"stage {stage}: no latent action model trained yet: co-train it or run --stage lam")
                     elif not (rel / "model.safetensors").is_file():
                         self.log(f"stage {stage}: no trained tokenizer found in {rel}; starting from random weights")
+        for item in self.args.init_part:
+            part, sep, folder = item.partition("=")
+            if not sep or part not in _PART.values():
+                raise ConfigError(f"--init-part {item!r}: expected PART=FOLDER with PART one of "
+                                  f"{', '.join(_PART.values())}")
+            if not (Path(folder) / "model.safetensors").is_file():
+                raise ConfigError(f"--init-part {item!r}: {folder} is not a release folder (no model.safetensors)")
+            sources[part] = Path(folder)
         for part, src in sources.items():
             load_part(model, src, part)
             self.log(f"stage {stage}: {part} from {src}")
@@ -578,6 +589,10 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     for f in fields(TrainArgs):
         if f.name == "overrides":
+            continue
+        if f.name == "init_part":
+            p.add_argument("--init-part", action="append", default=[], metavar="PART=FOLDER",
+                           help="take one part from this release folder (repeatable)")
             continue
         flag = "--" + f.name.replace("_", "-")
         helptext = (f.metadata or {}).get("help")
