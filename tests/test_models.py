@@ -237,6 +237,8 @@ def test_tokenizer_round_trip_after_training():
         (lambda m: m.generate(torch.rand(1, 3, 16, 16), 4, actions=torch.zeros(1, 2, dtype=torch.long)),
          r"actions must have shape \(1, 3\)"),
         (lambda m: m.generate(torch.rand(1, 3, 2, 16, 16), 1), "num_frames must be an int >="),
+        # the output alone would need terabytes: refused before any work, pointing to sessions
+        (lambda m: m.generate(torch.rand(1, 3, 16, 16), 10**9), r"would return .* GiB .*model.start\(prompt\)"),
         (lambda m: m.start(torch.rand(1, 3, 16, 16), maskgit_steps=0), "maskgit_steps"),
     ],
 )

@@ -23,6 +23,10 @@ from genie_env.validation import check_actions, check_frames, check_tokens
 __all__ = ["Genie", "GenieSession"]
 
 
+GENERATE_MAX_BYTES = 4 * 2**30
+"""`Genie.generate` returns every frame in one tensor; longer rollouts go through a `GenieSession`."""
+
+
 class Genie(nn.Module, HubMixin):
     """A Genie world model. Frames are float tensors in [0, 1] of shape (B, 3, H, W) or (B, 3, T, H, W).
 
@@ -119,6 +123,13 @@ class Genie(nn.Module, HubMixin):
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < t0:
             raise ValueError(f"num_frames must be an int >= the prompt's {t0} frame(s), got {num_frames!r}")
         n_new = num_frames - t0
+        size = self.config.image_size
+        out_bytes = b * 3 * num_frames * size * size * 4
+        if out_bytes > GENERATE_MAX_BYTES:
+            raise ValueError(
+                f"num_frames={num_frames} at batch {b} would return {out_bytes / 2**30:.1f} GiB of frames at once "
+                f"(limit {GENERATE_MAX_BYTES / 2**30:.0f} GiB); for long rollouts step a session instead: "
+                "session = model.start(prompt); frame = session.step(action)")
         if actions is None:
             actions = torch.randint(0, self.config.action_vocab_size, (b, n_new), generator=generator,
                                     device="cpu" if generator is None else generator.device).to(self.device)
