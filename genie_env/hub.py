@@ -71,6 +71,16 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+def recover_interrupted_save(out: Path) -> None:
+    """Undo what a `save_pretrained` into ``out`` that was killed left behind: put back a previous folder
+    left aside between the fallback's two renames, and delete half-written temp folders."""
+    old = out.with_name(f".{out.name}.tmp-old")
+    if not out.exists() and old.is_dir():
+        old.rename(out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match its config."""
 
@@ -241,11 +251,7 @@ class HubMixin:
 
         out = Path(save_directory)
         out.parent.mkdir(parents=True, exist_ok=True)
-        old = out.with_name(f".{out.name}.tmp-old")
-        if not out.exists() and old.is_dir():  # a writer killed between the two renames of _publish
-            old.rename(out)
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left behind by a writer that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        recover_interrupted_save(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
         try:

@@ -90,6 +90,20 @@ def soak(step_fn, steps: int, every: int, warmup: int, label: str, log=print) ->
     }
 
 
+
+def session_health(current, session, before: tuple, objects: int) -> dict:
+    """After a soak: whether the env still uses the same session, whether its KV cache and containers are
+    as they were (``before`` from `cache_signature` and `session_containers`), and how many Python
+    objects appeared since ``objects`` were counted."""
+    gc.collect()
+    return {
+        "one_session": current is session,
+        "kv_cache_unchanged": cache_signature(session) == before[0],
+        "session_containers_unchanged": session_containers(session) == before[1],
+        "kv_cache_shape": list(session.cache.k.shape),
+        "python_objects_growth": len(gc.get_objects()) - objects,
+    }
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     objects = len(gc.get_objects())
     res = soak(env_step, args.steps, max(1, args.steps // args.points), int(args.steps * args.warmup), "env")
     res["episode_ended_at"] = ended
-    res["one_session"] = env.unwrapped._session is session
-    res["kv_cache_unchanged"] = cache_signature(session) == before[0]
-    res["session_containers_unchanged"] = session_containers(session) == before[1]
-    res["kv_cache_shape"] = list(session.cache.k.shape)
-    gc.collect()
-    res["python_objects_growth"] = len(gc.get_objects()) - objects
+    res.update(session_health(env.unwrapped._session, session, before, objects))
     report["env"] = res
     env.close()
 
@@ -166,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     res = soak(vec_step, args.vector_steps, max(1, args.vector_steps // args.points),
                int(args.vector_steps * args.warmup), "vector")
     res["episodes_ended"] = resets["n"]
-    res["one_session"] = envs.unwrapped.session is session
-    res["kv_cache_unchanged"] = cache_signature(session) == before[0]
-    res["session_containers_unchanged"] = session_containers(session) == before[1]
-    res["kv_cache_shape"] = list(session.cache.k.shape)
-    gc.collect()
-    res["python_objects_growth"] = len(gc.get_objects()) - objects
+    res.update(session_health(envs.unwrapped.session, session, before, objects))
     report["vector"] = res
     envs.close()
 

@@ -22,6 +22,7 @@ import torch
 
 from genie_env import Genie
 from genie_env.config import ConfigError
+from genie_env.hub import EXTRA_FILES
 from training.data import FrameCache, load_actions
 
 GROUPS = ("LEFT", "RIGHT", "UP", "LEFT+UP", "RIGHT+UP", "NONE")
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     am = action_map(lat, grp, model.config.action_vocab_size)
     (tmp / "action_map.json").write_text(json.dumps(am["map"], indent=1) + "\n")
     extras = {"prompts.npz": tmp / "prompts.npz", "action_map.json": tmp / "action_map.json"}
-    for name in ("README.md", "samples.png", "keyboard.png"):  # the model card and its pictures stay
-        if (a.out / name).is_file():
+    for name in EXTRA_FILES:  # the model card and its pictures stay
+        if name not in extras and (a.out / name).is_file():
             extras[name] = a.out / name
     dtype = torch.float16 if a.dtype == "fp16" else None
     model.save_pretrained(a.out, dtype=dtype, extra_files=extras)

@@ -22,7 +22,6 @@ import argparse
 import csv
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,6 +35,7 @@ from torch import nn
 
 from genie_env import Genie, GenieConfig
 from genie_env.config import ConfigError
+from genie_env.hub import recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
 from training.data import ClipSampler, DatasetError, FrameCache, to_tensor
 
@@ -552,13 +552,7 @@ def _remove_partial_writes(sdir: Path) -> None:
     are intact): checkpoint temp files and release temp folders. Called under the run lock."""
     for tmp in sdir.glob("checkpoint.pt.tmp*"):
         tmp.unlink(missing_ok=True)
-    release, old = sdir / "release", sdir / ".release.tmp-old"
-    if not release.is_dir() and old.is_dir():
-        # killed between the two renames of save_pretrained's fallback (systems that cannot swap folders
-        # atomically): the previous release is whole, put it back
-        old.rename(release)
-    for tmp in sdir.glob(".release.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    recover_interrupted_save(sdir / "release")
 
 
 _PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics"}
