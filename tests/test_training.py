@@ -301,6 +301,13 @@ def test_init_part_takes_one_part_from_another_release(trained_run, tmp_path):
     keys = [k for k in want_tok if k.startswith("tokenizer.")]
     assert keys and all(torch.equal(got[k], want_tok[k]) for k in keys)  # frozen in this stage
     assert not all(torch.equal(want_tok[k], old_tok[k]) for k in keys)
+    # Parts given only by --init-part, in a fresh folder: no warning that they are missing.
+    fresh = train(cfg, data, tmp_path / "fresh", "--stage", "dynamics", "--stop-after", "1",
+                  "--init-part", f"tokenizer={other / 'tokenizer' / 'release'}",
+                  "--init-part", f"latent_actions={run_dir / 'dynamics' / 'release'}")
+    log = fresh.stdout + fresh.stderr
+    assert "tokenizer from" in log and "latent_actions from" in log
+    assert "no trained tokenizer found" not in log and "no latent action model trained yet" not in log
     bad = train(cfg, data, tmp_path / "bad", "--stage", "dynamics", "--init-part", "tokeniser=x", check=False)
     assert bad.returncode == 2 and "expected PART=FOLDER with PART one of tokenizer" in bad.stderr
     bad = train(cfg, data, tmp_path / "bad2", "--stage", "dynamics", "--init-part", f"tokenizer={tmp_path}",

@@ -280,11 +280,22 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         model = Genie(self.config)
         needed = {"tokenizer": (), "lam": ("tokenizer",), "dynamics": ("tokenizer", "latent_actions")}[stage]
+        chosen = {}
+        for item in self.args.init_part:
+            part, sep, folder = item.partition("=")
+            if not sep or part not in _PART.values():
+                raise ConfigError(f"--init-part {item!r}: expected PART=FOLDER with PART one of "
+                                  f"{', '.join(_PART.values())}")
+            if not (Path(folder) / "model.safetensors").is_file():
+                raise ConfigError(f"--init-part {item!r}: {folder} is not a release folder (no model.safetensors)")
+            chosen[part] = Path(folder)
         if self.args.init_from is not None:
             sources = {part: Path(self.args.init_from) for part in needed + (_PART[stage],)}
         else:
             sources = {}
             for part in needed:
+                if part in chosen:
+                    continue
                 for prev in reversed(STAGES[: STAGES.index(stage)]):
                     rel = self.out / prev / "release"
                     if _PART[prev] == part and (rel / "model.safetensors").is_file():
@@ -296,14 +307,7 @@ class Trainer:
                         self.log(f"stage {stage}: no latent action model trained yet: co-train it or run --stage lam")
                     elif not (rel / "model.safetensors").is_file():
                         self.log(f"stage {stage}: no trained tokenizer found in {rel}; starting from random weights")
-        for item in self.args.init_part:
-            part, sep, folder = item.partition("=")
-            if not sep or part not in _PART.values():
-                raise ConfigError(f"--init-part {item!r}: expected PART=FOLDER with PART one of "
-                                  f"{', '.join(_PART.values())}")
-            if not (Path(folder) / "model.safetensors").is_file():
-                raise ConfigError(f"--init-part {item!r}: {folder} is not a release folder (no model.safetensors)")
-            sources[part] = Path(folder)
+        sources.update(chosen)
         for part, src in sources.items():
             load_part(model, src, part)
             self.log(f"stage {stage}: {part} from {src}")
