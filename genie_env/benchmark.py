@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from genie_env import Genie
@@ -124,7 +125,10 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
 
     for n in batch_sizes:
         env = GenieVectorEnv(num_envs=n, model=model, maskgit_steps=steps, temperature=temperature)
-        env.reset(seed=0)
+        # A training release has no prompt bank: start from random frames (the cost does not depend on them).
+        start = None if env.prompt_bank is not None else {
+            "prompt": np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)}
+        env.reset(seed=0, options=start)
         acts = env.action_space.sample()
         env.step(acts)
         k = max(2, min(reps, 200 // n))

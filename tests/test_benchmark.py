@@ -21,3 +21,16 @@ def test_benchmark_reports_every_figure(tiny_checkpoint, tmp_path, capsys):
     assert [i for i, _ in res["rss_mb_curve"]][-1] == 30
     printed = capsys.readouterr().out
     assert "step at batch 1" in printed and "vector env, 3 envs" in printed
+
+
+def test_benchmark_runs_on_a_training_release_without_prompt_bank(tmp_path):
+    """A release straight from training has no prompts.npz: the vector env starts from random frames."""
+    from conftest import tiny_model
+
+    release = tmp_path / "release"
+    tiny_model().save_pretrained(release)
+    assert not (release / "prompts.npz").exists()
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--checkpoint", str(release), "--batch-sizes", "2", "--episode-steps", "12",
+                           "--reps", "2", "--threads", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["vector_env_steps_per_s"]["2"] > 0
