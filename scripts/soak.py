@@ -90,7 +90,6 @@ def soak(step_fn, steps: int, every: int, warmup: int, label: str, log=print) ->
     }
 
 
-
 def session_health(current, session, before: tuple, objects: int) -> dict:
     """After a soak: whether the env still uses the same session, whether its KV cache and containers are
     as they were (``before`` from `cache_signature` and `session_containers`), and how many Python
@@ -103,6 +102,7 @@ def session_health(current, session, before: tuple, objects: int) -> dict:
         "kv_cache_shape": list(session.cache.k.shape),
         "python_objects_growth": len(gc.get_objects()) - objects,
     }
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
