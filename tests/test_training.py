@@ -181,7 +181,8 @@ def test_bad_datasets(tmp_path):
     assert any("skipped 2 unreadable video(s)" in m and "text.mp4" in m and "zero.mp4" in m for m in messages)
     assert any("skipped 2 video(s) shorter than num_frames=4" in m for m in messages)
     assert sampler.sample(3).shape == (3, 4, 16, 16, 3)
-    with pytest.raises(DatasetError, match="no video .* has at least num_frames=20"):
+    with pytest.warns(UserWarning, match="skipped 3 video"), \
+            pytest.raises(DatasetError, match="no video .* has at least num_frames=20"):
         ClipSampler(cache, 20)
 
 
