@@ -101,12 +101,40 @@ def test_record_is_deterministic_and_lossless(tmp_path):
         meta = json.loads(a.with_suffix(".json").read_text())
         assert meta == json.loads(b.with_suffix(".json").read_text())
         assert len(meta["actions"]) == len(fa) - 1 == len(meta["action_groups"])  # one action per transition
+        assert len(meta["rewards"]) == len(meta["terminated"]) == len(fa) - 1
         assert fa.shape[1:] == (64, 64, 3) and len(fa) <= 40
         total += len(fa)
     assert total == 120
     # recording into a folder that already holds videos is refused
     r = run(*args, "--out", str(tmp_path / "a"), check=False)
     assert r.returncode != 0 and "already holds videos" in r.stderr
+
+
+@pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")
+def test_record_stores_rewards_and_episode_ends(tmp_path):
+    # 5 levels, held actions: within 3,000 frames several episodes end, some with the coin (seed 0)
+    run("-m", "training.record", "--frames", "3000", "--num-envs", "4", "--num-levels", "5", "--hold", "8",
+        "--out", str(tmp_path / "d"))
+    ends, cut = [], 0
+    for meta_path in sorted((tmp_path / "d" / "videos").glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        assert len(meta["rewards"]) == len(meta["terminated"]) == meta["num_frames"] - 1
+        # in CoinRun the only reward is the coin, which ends the episode: never inside a video
+        assert sum(meta["rewards"]) == 0 and not any(meta["terminated"])
+        if meta["end"] is None:
+            cut += 1
+            continue
+        end = meta["end"]
+        assert set(end) == {"action", "reward", "terminated", "truncated"}
+        assert end["terminated"] != end["truncated"] and 0 <= end["action"] < 15
+        ends.append(end)
+    coins = [e for e in ends if e["reward"] > 0]
+    assert len(ends) >= 3 and coins and all(e["reward"] == 10.0 and e["terminated"] for e in coins)
+    assert any(e["reward"] == 0 and e["terminated"] for e in ends)  # a death
+    summary = json.loads((tmp_path / "d" / "dataset.json").read_text())["outcomes"]
+    assert summary["terminations"] == sum(e["terminated"] for e in ends)
+    assert summary["reward_events"] == len(coins)
+    assert summary["transitions"] == 3000 - len(ends) - cut + len(ends)
 
 
 @pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")

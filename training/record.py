@@ -4,8 +4,16 @@
     python -m training.record --out data/coinrun-val --frames 20000 --start-level 1000000 --num-levels 1000
 
 Writes ``OUT/videos/video_000000.mp4`` (one episode, or a piece of one, per file: a video never crosses
-an episode boundary) and beside each ``video_000000.json`` with the game, the level seed and the true
-game action of every transition. The actions are for evaluation only: training never reads them.
+an episode boundary) and beside each ``video_000000.json`` with the game, the level seed, the true game
+action of every transition and its outcome. The three Genie stages never read actions or outcomes: the
+actions serve evaluation, the outcomes the reward stage and evaluation.
+
+Outcomes. ``rewards[i]`` and ``terminated[i]`` belong to the transition from frame i to frame i+1. The
+game's last transition of an episode is not in the video: its next observation is already the next
+episode's first frame. It is stored as ``end``: ``{"action", "reward", "terminated", "truncated"}``, where
+*terminated* means the game ended the episode (CoinRun: the coin or a death) and *truncated* that the time
+limit did (not a termination). A video cut because it reached ``--max-video-frames``, or because recording
+stopped, has ``end: null`` (the episode went on).
 
 Videos are encoded losslessly (H.264 in RGB, qp 0): 4:2:0 chroma subsampling costs about 13 dB on 64x64
 pixel art. Needs the optional ``record`` extra (``pip install -e .[record]``) for procgen.
@@ -62,6 +70,8 @@ class RecordArgs:
     """Seed of the random policy and of procgen's level draws."""
     distribution_mode: str = "hard"
     """procgen distribution mode."""
+    time_limit: int = 1000
+    """The game's own episode step limit (procgen: 1000): an episode ended at this length was truncated."""
 
 
 def _import_procgen():
@@ -106,6 +116,9 @@ def record(args: RecordArgs, log=print) -> dict:
     # Per env: frames and actions of the episode piece being recorded.
     frames: list[list[np.ndarray]] = [[] for _ in range(args.num_envs)]
     acts: list[list[int]] = [[] for _ in range(args.num_envs)]
+    rews: list[list[float]] = [[] for _ in range(args.num_envs)]
+    ends: list[dict | None] = [None] * args.num_envs
+    ep_steps = np.zeros(args.num_envs, dtype=np.int64)  # steps taken in each env's current episode
     seeds = [None] * args.num_envs
     held = np.zeros(args.num_envs, dtype=np.int64)
     hold_left = np.zeros(args.num_envs, dtype=np.int64)
@@ -115,10 +128,12 @@ def record(args: RecordArgs, log=print) -> dict:
 
     def flush(i: int) -> None:
         nonlocal n_videos, n_frames
-        f, a = frames[i], acts[i]
+        f, a, r, end = frames[i], acts[i], rews[i], ends[i]
         if len(f) >= args.min_video_frames and n_frames < args.frames:
             keep = min(len(f), args.frames - n_frames)
-            f, a = f[:keep], a[: keep - 1]
+            if keep < len(f):
+                end = None  # cut short: the episode went on
+            f, a, r = f[:keep], a[: keep - 1], r[: keep - 1]
             name = f"video_{n_videos:06d}"
             write_video(vid_dir / f"{name}.mp4", np.stack(f))
             meta = {
@@ -128,12 +143,15 @@ def record(args: RecordArgs, log=print) -> dict:
                 "actions": [int(x) for x in a],
                 "action_names": names,
                 "action_groups": [action_group(combos[x]) for x in a],
+                "rewards": [float(x) for x in r],
+                "terminated": [False] * len(r),
+                "end": end,
                 "policy": "uniform-random" if args.hold == 1 else f"uniform-random, held 1-{args.hold} frames",
             }
             (vid_dir / f"{name}.json").write_text(json.dumps(meta))
             n_videos += 1
             n_frames += len(f)
-        frames[i], acts[i] = [], []
+        frames[i], acts[i], rews[i], ends[i] = [], [], [], None
 
     _, obs, first = env.observe()
     info = env.get_info()
@@ -157,15 +175,20 @@ def record(args: RecordArgs, log=print) -> dict:
             if frames[i]:
                 acts[i].append(int(held[i]))
         env.act(held.astype(np.int32))
-        _, obs, first = env.observe()
+        rew, obs, first = env.observe()
         info = env.get_info()
-        # an action whose next observation is a new episode's first frame did not produce a recorded
-        # transition: drop it when that happens
+        ep_steps += 1
         for i in range(args.num_envs):
-            if first[i] and acts[i]:
-                acts[i].pop()
-        if n_videos and n_videos % 50 == 0:
-            pass
+            if first[i]:
+                # the episode ended with this action; its next observation is the new episode's first
+                # frame, so the transition is not in the video: keep it as the video's ``end``
+                if acts[i]:
+                    truncated = int(ep_steps[i]) >= args.time_limit and not info[i].get("prev_level_complete", 0)
+                    ends[i] = {"action": acts[i].pop(), "reward": float(rew[i]),
+                               "terminated": not truncated, "truncated": bool(truncated)}
+                ep_steps[i] = 0
+            elif acts[i]:
+                rews[i].append(float(rew[i]))
     summary = {
         "game": args.game,
         "videos": n_videos,
@@ -173,12 +196,26 @@ def record(args: RecordArgs, log=print) -> dict:
         "level_range": [args.start_level, args.start_level + args.num_levels],
         "seed": args.seed,
         "hold": args.hold,
+        "outcomes": _outcome_summary(vid_dir),
         "action_names": names,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2))
     log(f"recorded {n_frames} frames in {n_videos} videos to {vid_dir} ({summary['seconds']} s)")
     return summary
+
+
+def _outcome_summary(vid_dir: Path) -> dict:
+    """Counts of reward events and episode ends over the recorded videos."""
+    n = {"transitions": 0, "reward_events": 0, "terminations": 0, "truncations": 0}
+    for meta_path in sorted(vid_dir.glob("video_*.json")):
+        meta = json.loads(meta_path.read_text())
+        rewards, end = meta.get("rewards", []), meta.get("end")
+        n["transitions"] += len(rewards) + (end is not None)
+        n["reward_events"] += sum(r > 0 for r in rewards) + bool(end and end["reward"] > 0)
+        n["terminations"] += bool(end and end["terminated"])
+        n["truncations"] += bool(end and end["truncated"])
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:
