@@ -50,7 +50,8 @@ class AgentConfig:
         if len(set(self.actions)) != len(self.actions):
             raise ValueError(f"actions must not repeat a latent action, got {self.actions!r}")
         if self.action_names and len(self.action_names) != len(self.actions):
-            raise ValueError(f"action_names must name each of the {len(self.actions)} actions, got {self.action_names!r}")
+            raise ValueError(f"action_names must name each of the {len(self.actions)} actions, "
+                             f"got {self.action_names!r}")
         if self.image_size < 8 or self.hidden < 1 or len(self.channels) != 3:
             raise ValueError("image_size must be >= 8, hidden >= 1 and channels a list of 3 ints")
 

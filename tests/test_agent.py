@@ -115,7 +115,8 @@ def test_evaluate_agent_command_on_the_real_game(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     for name in ("agent", "random"):
-        assert res[name]["episodes"] == 3 and [x["level"] for x in res[name]["per_level"]] == [2000000, 2000001, 2000002]
+        assert res[name]["episodes"] == 3
+        assert [x["level"] for x in res[name]["per_level"]] == [2000000, 2000001, 2000002]
         assert all(0 < x["length"] <= 1000 for x in res[name]["per_level"])
         assert f"{name:>6}: mean return" in r.stdout
     assert set(res["latent_to_real"]) == {"0", "1", "3"}

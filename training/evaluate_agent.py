@@ -97,7 +97,8 @@ def summarize(results: list[dict]) -> dict:
     p, z = k / n, 1.96
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     w = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"episodes": n, "mean_return": float(r.mean()), "return_ci95": [float(r.mean() - half), float(r.mean() + half)],
+    mean = float(r.mean())
+    return {"episodes": n, "mean_return": mean, "return_ci95": [mean - half, mean + half],
             "success_rate": p, "success_ci95": [centre - w, centre + w],
             "mean_length": float(np.mean([x["length"] for x in results]))}
 

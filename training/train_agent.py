@@ -175,7 +175,6 @@ class AgentTrainer:
         return AgentConfig(actions=actions, action_names=names, image_size=envs.model.config.image_size)
 
     def run(self) -> DreamAgent:
-        a = self.args
         self.lock.acquire()
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
