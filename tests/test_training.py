@@ -138,6 +138,17 @@ def test_record_stores_rewards_and_episode_ends(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")
+def test_record_tells_the_time_limit_from_a_termination(tmp_path):
+    # seed 5 on 3 levels: within 6,000 frames two episodes run into procgen's 1,000-step limit
+    run("-m", "training.record", "--frames", "6000", "--num-envs", "2", "--num-levels", "3", "--seed", "5",
+        "--out", str(tmp_path / "d"))
+    metas = [json.loads(p.read_text()) for p in sorted((tmp_path / "d" / "videos").glob("*.json"))]
+    truncated = [m for m in metas if m["end"] and m["end"]["truncated"]]
+    assert truncated and all(m["num_frames"] == 1000 and not m["end"]["terminated"] for m in truncated)
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["outcomes"]["truncations"] == len(truncated)
+
+
+@pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")
 def test_video_encoding_is_lossless_on_game_frames(tmp_path):
     import warnings as w
 

@@ -163,9 +163,6 @@ def record(args: RecordArgs, log=print) -> dict:
             if not frames[i]:
                 seeds[i] = int(info[i].get("level_seed", -1))
             frames[i].append(rgb[i].copy())
-            if len(frames[i]) >= args.max_video_frames:
-                flush(i)
-                seeds[i] = int(info[i].get("level_seed", -1))
         # uniformly random actions, optionally held for a random number of frames
         new = hold_left <= 0
         held[new] = rng.integers(0, n_actions, size=int(new.sum()))
@@ -187,6 +184,11 @@ def record(args: RecordArgs, log=print) -> dict:
                     ends[i] = {"action": acts[i].pop(), "reward": float(rew[i]),
                                "terminated": not truncated, "truncated": bool(truncated)}
                 ep_steps[i] = 0
+            elif acts[i] and len(frames[i]) >= args.max_video_frames:
+                # the video is full and the episode goes on: cut it here (this transition is in neither
+                # video); checked after the action so that an episode ending right here keeps its ``end``
+                acts[i].pop()
+                flush(i)
             elif acts[i]:
                 rews[i].append(float(rew[i]))
     summary = {
