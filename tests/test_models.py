@@ -288,3 +288,19 @@ def test_lam_focus_weights_what_camera_motion_leaves_unexplained():
     assert not torch.isclose(a.recon_loss, b.recon_loss)  # the errors are weighted differently
     lf = _overfit(lambda: focused(x).recon_loss, focused.parameters())
     assert lf[-1] < 0.5 * lf[0], lf
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_quantizer_returns_the_code_its_index_names(ema_decay):
+    """In training the quantized vector is the code the index was chosen against, even when this step
+    restarts that code (all codes start dead, so the first step restarts every one)."""
+    from genie_env.models.quantizer import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, ema_decay=ema_decay).train()
+    before = vq.embed.detach().clone()
+    z = torch.randn(32, 4)
+    out = vq(z)
+    assert not torch.equal(vq.embed.detach(), before)  # the step did update/restart codes
+    torch.testing.assert_close(out.quantized, before[out.indices])
+    torch.testing.assert_close(out.commitment_loss, ((z - before[out.indices]) ** 2).mean())

@@ -87,10 +87,12 @@ class VectorQuantizer(nn.Module):
         probs_mean = counts / counts.sum()
         perplexity = torch.exp(-(probs_mean * torch.log(probs_mean + 1e-10)).sum())
 
+        # Read the codes before the update: idx was chosen against this codebook, and a restart may
+        # replace the chosen code with an unrelated vector (which the commitment loss would then pull to).
+        q = F.embedding(idx, self.embed).float()
         if self.training:
             self._update(flat, onehot, counts)
 
-        q = F.embedding(idx, self.embed).float()
         commitment = F.mse_loss(flat, q.detach())
         codebook = flat.new_zeros(()) if self.use_ema else F.mse_loss(q, flat.detach())
         q_st = flat + (q - flat).detach()
