@@ -135,8 +135,9 @@ class GenieConfig:
     """Hidden width of the feed-forward layers as a multiple of dynamics_dim."""
     context_frames: int = 16
     """Frames the dynamics attends to (including the one being generated); bounds the play-time cache."""
-    mask_rate_min: float = 0.5
-    """Training mask rate is drawn per frame from U(mask_rate_min, mask_rate_max)."""
+    mask_rate_min: float = 0.0
+    """Training mask rate per frame: mask_rate_min + (mask_rate_max - mask_rate_min) * cos(pi/2 * u),
+    u ~ U(0, 1); the defaults cover every mask rate MaskGIT sampling feeds the model, at any step count."""
     mask_rate_max: float = 1.0
     """See mask_rate_min."""
     context_noise: float = 0.0

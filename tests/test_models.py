@@ -290,6 +290,40 @@ def test_lam_focus_weights_what_camera_motion_leaves_unexplained():
     assert lf[-1] < 0.5 * lf[0], lf
 
 
+# ---------------------------------------------------------------------------------------------- masking
+def test_training_masks_cover_every_rate_maskgit_samples_at():
+    """The masked share of a training frame reaches down to one token and up to all of them, with as
+    many frames below half masked as cosine sampling has steps there (a third)."""
+    dyn = tiny_model().dynamics
+    n = dyn.num_tokens
+    share = dyn.training_mask(400, 8, generator=torch.Generator().manual_seed(0)).float().mean(-1).flatten()
+    assert share.min() <= 2 / n
+    assert share.max() == 1.0
+    assert 0.25 < (share < 0.5).float().mean() < 0.42
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [2, 8, 25])
+def test_every_maskgit_step_reveals_a_token(tiny, steps):
+    dyn = tiny.dynamics
+    n = dyn.num_tokens
+    cache = dyn.new_cache(2)
+    dyn.step(cache, torch.zeros(2, n, dtype=torch.long), torch.full((2,), dyn.null_action), commit=True)
+    seen = []
+    step = dyn.step
+
+    def counting(cache, tokens, action, rows=None, commit=False):
+        seen.append(int((tokens == dyn.mask_id).sum(1).max()))
+        return step(cache, tokens, action, rows=rows, commit=commit)
+
+    dyn.step = counting
+    out = dyn.sample_frame(cache, torch.zeros(2, dtype=torch.long), steps,
+                           generator=torch.Generator().manual_seed(0))
+    assert (out != dyn.mask_id).all()
+    assert seen[0] == n and all(a > b for a, b in zip(seen, seen[1:]))  # each pass reveals something
+    assert len(seen) == min(steps, n)
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.99])
 def test_quantizer_returns_the_code_its_index_names(ema_decay):
     """In training the quantized vector is the code the index was chosen against, even when this step
