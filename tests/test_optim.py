@@ -70,3 +70,4 @@ def test_codebooks_stay_identical_across_processes(tmp_path):
     for sa, sb in zip(a, b):
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], msg=k)
+
