@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from genie_env.env import GenieEnv
-from genie_env.viewer import save_png, save_video
+from genie_env.media import save_png, save_video
 
 
 def parse_actions(text: str, action_map: dict[str, int], num_actions: int) -> list[int]:

@@ -135,8 +135,9 @@ class GenieConfig:
     """Hidden width of the feed-forward layers as a multiple of dynamics_dim."""
     context_frames: int = 16
     """Frames the dynamics attends to (including the one being generated); bounds the play-time cache."""
-    mask_rate_min: float = 0.5
-    """Training mask rate is drawn per frame from U(mask_rate_min, mask_rate_max)."""
+    mask_rate_min: float = 0.0
+    """Training mask rate per frame: mask_rate_min + (mask_rate_max - mask_rate_min) * cos(pi/2 * u),
+    u ~ U(0, 1); the defaults cover every mask rate MaskGIT sampling feeds the model, at any step count."""
     mask_rate_max: float = 1.0
     """See mask_rate_min."""
     context_noise: float = 0.0
@@ -296,3 +297,25 @@ class GenieConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from e
         return cls.from_dict(data)
+
+
+# Named model sizes (`genie_env.presets` builds models from them); here, beside the config they fill in,
+# so that `Genie.from_preset` needs no import of the module that imports `Genie`.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's development model: 16x16 tokens per 64x64 frame (patch 4), d512 x 8 dynamics.
+    "small": dict(tokenizer_patch_size=4, tokenizer_channels=96, tokenizer_num_res_blocks=2,
+                  lam_channels=96, dynamics_dim=512, dynamics_depth=8, dynamics_num_heads=8),
+    # The paper's scale: an ~11B-parameter dynamics transformer (build it on the meta device).
+    "large": dict(tokenizer_patch_size=4, tokenizer_channels=256, tokenizer_num_res_blocks=2,
+                  lam_channels=256, dynamics_dim=5120, dynamics_depth=24, dynamics_num_heads=40),
+    # Sized to play interactively on a 2-core CPU: 8x8 tokens per frame, d256 x 6 dynamics.
+    "cpu": dict(tokenizer_patch_size=8, tokenizer_channels=64, tokenizer_num_res_blocks=1,
+                lam_channels=48, dynamics_dim=256, dynamics_depth=6, dynamics_num_heads=8,
+                context_frames=8, maskgit_steps=8, temperature=0.5),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> GenieConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GenieConfig(**{**PRESETS[name], **overrides})

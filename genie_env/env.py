@@ -366,7 +366,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
         """Key combinations -> latent actions for `gymnasium.utils.play.play`: arrows / WASD through the
         action map (two keys for LEFT+UP and RIGHT+UP), and number keys 1-9 picking latent actions 0-8
         directly (the only keys when the checkpoint ships no action map)."""
-        from genie_env.viewer import keys_to_action
+        from genie_env.keys import keys_to_action
 
         return keys_to_action(self.action_map, self.action_space.n)
 

@@ -22,14 +22,15 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 
 from genie_env.config import ConfigError, GenieConfig
 
-if TYPE_CHECKING:
-    from genie_env.models.genie import Genie
+# The dependency runs one way: models.genie imports this module (HubMixin), never the reverse; the
+# model class reaches the loader as `cls`.
+M = TypeVar("M", bound="HubMixin")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -142,17 +143,15 @@ def load_config(path: Path) -> GenieConfig:
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def _expected_state(config: GenieConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    from genie_env.models.genie import Genie
-
+def _expected_state(model_cls: type, config: GenieConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     with torch.device("meta"):
-        model = Genie(config)
+        model = model_cls(config)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-def check_weights_match(config: GenieConfig, header: dict, where: Path) -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped tensors."""
-    expected = _expected_state(config)
+def check_weights_match(model_cls: type, config: GenieConfig, header: dict, where: Path) -> None:
+    """Raise CheckpointError naming missing, unexpected and mis-shaped tensors of a model_cls(config)."""
+    expected = _expected_state(model_cls, config)
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     bad = []
@@ -279,8 +278,8 @@ class HubMixin:
         return out
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, revision: str | None = None,
-                        device: str | torch.device = "cpu", local_files_only: bool = False) -> Genie:
+    def from_pretrained(cls: type[M], name_or_path: str | os.PathLike | None = None, revision: str | None = None,
+                        device: str | torch.device = "cpu", local_files_only: bool = False) -> M:
         """Load a checkpoint: None = the shipped default model, a local folder, or a hub repo id."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -292,7 +291,7 @@ class HubMixin:
                 raise CheckpointError(f"{folder} is not a genie-env checkpoint: {p.name} is missing")
         config = load_config(cfg_path)
         header = read_safetensors_header(w_path)
-        check_weights_match(config, header, folder)
+        check_weights_match(cls, config, header, folder)
         try:
             state = load_file(str(w_path), device="cpu")
         except (SafetensorError, OSError, RuntimeError) as e:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import secrets
 import sys
@@ -29,20 +28,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["KeyHandler", "PlayArgs", "VideoWriter", "Viewer", "keys_to_action", "main", "save_video"]
+from genie_env.keys import COMMAND_KEYS, DIRECTION_KEYS, HORIZONTAL, NONE, NUMBER_KEYS, VERTICAL, keys_to_action
+from genie_env.media import VideoWriter, load_image, save_png, save_video
 
-# ---------------------------------------------------------------------------------------- keymap (data)
-# Keys by their pygame constant name, so this module imports without pygame.
-DIRECTION_KEYS: dict[str, str] = {
-    "K_LEFT": "LEFT", "K_a": "LEFT",
-    "K_RIGHT": "RIGHT", "K_d": "RIGHT",
-    "K_UP": "UP", "K_w": "UP",
-    "K_DOWN": "DOWN", "K_s": "DOWN",
-}
-NUMBER_KEYS: dict[str, int] = {f"K_{i}": i - 1 for i in range(1, 10)}  # key "1" = latent action 0
-COMMAND_KEYS: dict[str, str] = {"K_r": "restart", "K_SPACE": "pause", "K_ESCAPE": "quit", "K_q": "quit"}
-HORIZONTAL, VERTICAL = ("LEFT", "RIGHT"), ("UP", "DOWN")
-NONE = "NONE"
+__all__ = ["KeyHandler", "PlayArgs", "VideoWriter", "Viewer", "keys_to_action", "main", "save_video"]
 
 
 # ---------------------------------------------------------------------------------------- key handler
@@ -101,28 +90,6 @@ class KeyHandler:
         return a, f"{NONE} ({a})"
 
 
-def keys_to_action(action_map: dict[str, int], num_actions: int) -> dict[tuple[int, ...], int]:
-    """pygame key-code tuples -> latent actions, for `gymnasium.utils.play.play`: every arrow / WASD
-    combination of the action map's groups (e.g. LEFT+UP as (K_LEFT, K_UP), (K_a, K_w), ...), and the
-    number keys 1-9 as latent actions 0-8."""
-    import pygame
-
-    by_dir: dict[str, list[int]] = {}
-    for name, d in DIRECTION_KEYS.items():
-        by_dir.setdefault(d, []).append(getattr(pygame, name))
-    out: dict[tuple[int, ...], int] = {}
-    for group, action in action_map.items():
-        parts = group.split("+")
-        if group == NONE or not all(p in by_dir for p in parts):
-            continue
-        for combo in itertools.product(*(by_dir[p] for p in parts)):
-            out[tuple(sorted(combo))] = action
-    for name, action in NUMBER_KEYS.items():
-        if action < num_actions:
-            out[(getattr(pygame, name),)] = action
-    return out
-
-
 class AutoPilot:
     """Headless play: holds a random action for 4 to 12 frames, like a person tapping keys."""
 
@@ -137,102 +104,6 @@ class AutoPilot:
             self._left = int(self.rng.integers(4, 13))
         self._left -= 1
         return self._action
-
-
-# ---------------------------------------------------------------------------------------- video
-class VideoWriter:
-    """Frames (H, W, 3) uint8 to an mp4 (H.264 yuv420p, streamed as they come: every player opens it)
-    or a gif (kept until `close`). Frames are scaled up by an integer factor with nearest neighbour;
-    for mp4 the factor is doubled when needed so both sides are even (yuv420p halves chroma)."""
-
-    def __init__(self, path: str | Path, fps: int = 15, scale: int = 1) -> None:
-        self.path = Path(path)
-        self.kind = self.path.suffix.lower()
-        if self.kind not in (".mp4", ".gif"):
-            raise ValueError(f"record path must end in .mp4 or .gif, got {str(path)!r}")
-        if isinstance(fps, bool) or not isinstance(fps, int) or fps < 1:
-            raise ValueError(f"fps must be an int >= 1, got {fps!r}")
-        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"scale must be an int >= 1, got {scale!r}")
-        self.fps, self.scale = fps, scale
-        self.frames_written = 0
-        self._gif: list[np.ndarray] = []
-        self._container: Any = None
-        self._stream: Any = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, frame: np.ndarray) -> None:
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
-        if self.kind == ".gif":
-            self._gif.append(frame.copy())
-        else:
-            self._write_mp4(frame)
-        self.frames_written += 1
-
-    def _write_mp4(self, frame: np.ndarray) -> None:
-        import av
-
-        k = self.scale
-        if (frame.shape[0] * k) % 2 or (frame.shape[1] * k) % 2:
-            k *= 2
-        big = np.ascontiguousarray(frame.repeat(k, 0).repeat(k, 1))
-        if self._container is None:
-            self._container = av.open(str(self.path), mode="w", format="mp4")
-            self._stream = self._container.add_stream("libx264", rate=self.fps)
-            self._stream.pix_fmt = "yuv420p"
-            self._stream.options = {"crf": "18"}
-            self._stream.height, self._stream.width = big.shape[:2]
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(big, format="rgb24")):
-            self._container.mux(packet)
-
-    def close(self) -> Path | None:
-        """Finish the file; returns its path, or None when no frame was written."""
-        if self.kind == ".gif" and self._gif:
-            from PIL import Image
-
-            k = self.scale
-            images = [Image.fromarray(f.repeat(k, 0).repeat(k, 1)) for f in self._gif]
-            images[0].save(self.path, save_all=True, append_images=images[1:], duration=round(1000 / self.fps),
-                           loop=0)
-            self._gif = []
-        elif self._container is not None:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-            self._container.close()
-            self._container = None
-        return self.path if self.frames_written else None
-
-
-def save_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | Path, fps: int = 15, scale: int = 1) -> Path:
-    """Write (T, H, W, 3) uint8 frames to an mp4 or gif (by the path's suffix); returns the path."""
-    writer = VideoWriter(path, fps=fps, scale=scale)
-    for f in frames:
-        writer.write(np.asarray(f))
-    out = writer.close()
-    if out is None:
-        raise ValueError("frames is empty: nothing to save")
-    return out
-
-
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """An image file as (size, size, 3) uint8 RGB (resized when it is another size)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).copy()
-
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------- the loop

@@ -58,7 +58,7 @@ class HarnessError(AssertionError):
 # ---------------------------------------------------------------------------------------------- inputs
 def synthetic_videos(folder: Path, n: int = 4, frames: int = 16, size: int = 16, seed: int = 0) -> Path:
     """A dataset of squares moving left or right (lossless mp4, as `training.record` writes them)."""
-    from training.video import write_video
+    from genie_env.media import write_video
 
     rng = np.random.default_rng(seed)
     vdir = folder / "videos"

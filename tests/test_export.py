@@ -37,7 +37,7 @@ def test_export_writes_a_loadable_shippable_folder(tmp_path):
     frames = np.load(out / "prompts.npz")["frames"]
     assert frames.shape == (10, 16, 16, 3) and frames.dtype == np.uint8
     # the bank holds real frames of the validation videos (each video's first frame comes first)
-    from training.video import read_video
+    from genie_env.media import read_video
 
     assert np.array_equal(frames[0], read_video(val / "videos" / "video_000.mp4")[0])
     amap = json.loads((out / "action_map.json").read_text())

@@ -97,10 +97,20 @@ def _tokens_actions(model, b=2, t=4, seed=0):
     return tok, acts
 
 
+def _random_time_bias(model: Genie, seed: int = 0) -> Genie:
+    """Time biases as a trained model has them (about +-1): at zero, temporal attention treats the cached
+    frames as an unordered set and a fault in their order or distances stays invisible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.dynamics.blocks:
+            blk.time_bias.copy_(torch.randn(blk.time_bias.shape, generator=g))
+    return model
+
+
 @torch.no_grad()
 def test_cached_step_equals_full_recompute(tiny):
-    dyn = tiny.dynamics
-    t = tiny.config.context_frames  # the whole window
+    dyn = _random_time_bias(tiny).dynamics
+    t = 2 * tiny.config.context_frames + 1  # the ring buffer wraps around twice and evicts frames
     tok, acts = _tokens_actions(tiny, t=t)
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(2, t - 1, tok.shape[2], generator=g) < 0.6
@@ -132,6 +142,8 @@ def test_action_t_conditions_frame_t_plus_1_only(tiny):
 
 @torch.no_grad()
 def test_temporal_attention_is_causal(tiny):
+    """A frame's prediction sees neither later frames nor its own hidden tokens (through the clean
+    stream, which holds them: a target leak)."""
     dyn = tiny.dynamics
     tok, acts = _tokens_actions(tiny, t=4)
     mask = torch.ones(2, 3, tok.shape[2], dtype=torch.bool)
@@ -140,6 +152,62 @@ def test_temporal_attention_is_causal(tiny):
     future[:, 3] = (future[:, 3] + 1) % tiny.config.tokenizer_vocab_size
     out = dyn(future, acts, mask)
     torch.testing.assert_close(out[:, :2], base[:, :2])  # frames 1, 2 never see frame 3
+    torch.testing.assert_close(out[:, 2], base[:, 2])  # frame 3 never sees its own (masked) tokens
+    # partly masked: changing frame 2's hidden tokens leaves its prediction alone
+    part = torch.rand(2, 3, tok.shape[2], generator=torch.Generator().manual_seed(1)) < 0.5
+    base = dyn(tok, acts, part)
+    hidden = tok.clone()
+    hidden[:, 2] = torch.where(part[:, 1], (tok[:, 2] + 1) % tiny.config.tokenizer_vocab_size, tok[:, 2])
+    torch.testing.assert_close(dyn(hidden, acts, part)[:, 1], base[:, 1])
+
+
+def _reference_tokens(model: Genie, clip_tokens: torch.Tensor, actions: torch.Tensor, t0: int) -> torch.Tensor:
+    """Greedy one-pass tokens of frames t0.. from the training forward (which aligns a_t with frame t+1)
+    over the whole clip, every generated frame fully masked."""
+    b, t, n = clip_tokens.shape
+    mask = torch.zeros(b, t - 1, n, dtype=torch.bool)
+    mask[:, t0 - 1:] = True
+    return model.dynamics(clip_tokens, actions, mask)[:, t0 - 1:].argmax(-1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t0", [1, 2, 3])
+def test_session_step_conditions_frame_t_plus_1_on_action_t(t0):
+    """Play (prompt priming with inferred actions, cached steps, a row reset) generates what the training
+    forward predicts for the same clip: the action passed to step k conditions the frame it returns."""
+    model = _random_time_bias(tiny_model())
+    cfg, steps = model.config, 6  # past the window of 4: frames are evicted
+    prompt = frames(t=t0, seed=1)
+    acts = torch.randint(0, cfg.action_vocab_size, (2, 2 * steps), generator=torch.Generator().manual_seed(2))
+    s = model.start(prompt, maskgit_steps=1, temperature=0.0)
+    gen = torch.stack([(s.step(acts[:, k]), s.last_tokens)[1] for k in range(steps)], 1)
+
+    def check(p, gen, user_acts, rows):
+        ptok = model.tokenize(p).flatten(2)
+        pact = model.infer_actions(p) if t0 > 1 else torch.zeros(len(rows), 0, dtype=torch.long)
+        clip = torch.cat([ptok, gen[rows]], 1)
+        ref = _reference_tokens(model, clip, torch.cat([pact, user_acts[rows]], 1), t0)
+        assert torch.equal(gen[rows], ref)
+
+    check(prompt, gen, acts[:, :steps], [0, 1])
+    new_prompt = frames(b=1, t=t0, seed=3)
+    s.reset_rows(torch.tensor([1]), new_prompt)
+    gen2 = torch.stack([(s.step(acts[:, steps + k]), s.last_tokens)[1] for k in range(steps)], 1)
+    check(new_prompt, gen2, acts[:, steps:], [1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t0", [1, 3])
+def test_generate_action_i_changes_frames_from_t0_plus_i(t0):
+    model = _random_time_bias(tiny_model())
+    prompt = frames(t=t0, seed=1)
+    acts = torch.randint(0, model.config.action_vocab_size, (2, 4), generator=torch.Generator().manual_seed(2))
+    base = model.generate(prompt, t0 + 4, acts, maskgit_steps=1, temperature=0.0)
+    changed = acts.clone()
+    changed[:, 1] = (changed[:, 1] + 1) % model.config.action_vocab_size
+    out = model.generate(prompt, t0 + 4, changed, maskgit_steps=1, temperature=0.0)
+    torch.testing.assert_close(out[:, :, : t0 + 1], base[:, :, : t0 + 1])  # up to the frame before
+    assert not torch.allclose(out[:, :, t0 + 1], base[:, :, t0 + 1])  # actions[:, 1] makes frame t0+1
 
 
 def test_generate_is_seeded(tiny):
@@ -288,3 +356,53 @@ def test_lam_focus_weights_what_camera_motion_leaves_unexplained():
     assert not torch.isclose(a.recon_loss, b.recon_loss)  # the errors are weighted differently
     lf = _overfit(lambda: focused(x).recon_loss, focused.parameters())
     assert lf[-1] < 0.5 * lf[0], lf
+
+
+# ---------------------------------------------------------------------------------------------- masking
+def test_training_masks_cover_every_rate_maskgit_samples_at():
+    """The masked share of a training frame reaches down to one token and up to all of them, with as
+    many frames below half masked as cosine sampling has steps there (a third)."""
+    dyn = tiny_model().dynamics
+    n = dyn.num_tokens
+    share = dyn.training_mask(400, 8, generator=torch.Generator().manual_seed(0)).float().mean(-1).flatten()
+    assert share.min() <= 2 / n
+    assert share.max() == 1.0
+    assert 0.25 < (share < 0.5).float().mean() < 0.42
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("steps", [2, 8, 25])
+def test_every_maskgit_step_reveals_a_token(tiny, steps):
+    dyn = tiny.dynamics
+    n = dyn.num_tokens
+    cache = dyn.new_cache(2)
+    dyn.step(cache, torch.zeros(2, n, dtype=torch.long), torch.full((2,), dyn.null_action), commit=True)
+    seen = []
+    step = dyn.step
+
+    def counting(cache, tokens, action, rows=None, commit=False):
+        seen.append(int((tokens == dyn.mask_id).sum(1).max()))
+        return step(cache, tokens, action, rows=rows, commit=commit)
+
+    dyn.step = counting
+    out = dyn.sample_frame(cache, torch.zeros(2, dtype=torch.long), steps,
+                           generator=torch.Generator().manual_seed(0))
+    assert (out != dyn.mask_id).all()
+    assert seen[0] == n and all(a > b for a, b in zip(seen, seen[1:]))  # each pass reveals something
+    assert len(seen) == min(steps, n)
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_quantizer_returns_the_code_its_index_names(ema_decay):
+    """In training the quantized vector is the code the index was chosen against, even when this step
+    restarts that code (all codes start dead, so the first step restarts every one)."""
+    from genie_env.models.quantizer import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 4, ema_decay=ema_decay).train()
+    before = vq.embed.detach().clone()
+    z = torch.randn(32, 4)
+    out = vq(z)
+    assert not torch.equal(vq.embed.detach(), before)  # the step did update/restart codes
+    torch.testing.assert_close(out.quantized, before[out.indices])
+    torch.testing.assert_close(out.commitment_loss, ((z - before[out.indices]) ** 2).mean())

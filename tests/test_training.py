@@ -18,8 +18,8 @@ import pytest
 import yaml
 from conftest import TINY
 
+from genie_env.media import read_video, write_video
 from training.data import ClipSampler, DatasetError, FrameCache
-from training.video import read_video, write_video
 
 ROOT = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

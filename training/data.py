@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.video import read_video
+from genie_env.media import read_video
 
 CACHE_VERSION = 1
 SHARD_FRAMES = 65536  # 768 MiB of 64x64 RGB frames per shard

@@ -32,16 +32,13 @@ def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int =
     usable = [i for i, e in enumerate(cache.videos) if e.frames >= clip_frames]
     if not usable:
         raise ValueError(f"no video in {data_dir} has {clip_frames} frames")
-    per_video = max(1, -(-num_clips // len(usable)))
+    takes = spread_clips([cache.videos[i].frames // clip_frames for i in usable], num_clips)
     picks: list[tuple[int, int]] = []
-    for i in usable:
-        n = cache.videos[i].frames
-        windows = n // clip_frames
-        take = min(per_video, windows)
+    for i, take in zip(usable, takes):
+        windows = cache.videos[i].frames // clip_frames
         # spread the clips over the video
         for j in range(take):
             picks.append((i, (j * windows // take) * clip_frames))
-    picks = picks[:num_clips] if len(picks) > num_clips else picks
     frames, groups = [], []
     have_groups = True
     for i, start in picks:
@@ -53,6 +50,20 @@ def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int =
             have_groups = False
     x = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).float().div(255)
     return {"frames": x, "groups": np.array(groups) if have_groups else None}
+
+
+def spread_clips(windows: list[int], num_clips: int) -> list[int]:
+    """How many clips to take from each video, given its number of whole clip windows: as even a share
+    of ``num_clips`` as the windows allow (fewer clips than videos go to evenly spaced videos)."""
+    v = len(windows)
+    quota = [min((k + 1) * num_clips // v - k * num_clips // v, w) for k, w in enumerate(windows)]
+    left = num_clips - sum(quota)
+    while left > 0 and any(q < w for q, w in zip(quota, windows)):  # short videos' shares go to the others
+        for k in sorted(range(v), key=lambda k: quota[k]):
+            if left and quota[k] < windows[k]:
+                quota[k] += 1
+                left -= 1
+    return quota
 
 
 def _batches(n: int, bs: int):

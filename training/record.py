@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.video import write_video
+from genie_env.media import write_video
 
 # CoinRun-style platformers: the true-action groups used by the action-alignment metric.
 PLATFORMER_GROUPS = ("LEFT", "LEFT+UP", "RIGHT", "RIGHT+UP", "UP", "NONE")

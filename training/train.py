@@ -197,6 +197,42 @@ class StageModule(nn.Module):
         return loss, m
 
 
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on the matrices of linear and convolution layers only, as nanoGPT;
+    never on norms, biases, embeddings, positional tables, time biases or codebooks, which decay would
+    pull toward zero for no regularising gain."""
+    decay, rest, seen = [], [], set()
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            matrix = name == "weight" and isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                                            nn.ConvTranspose2d, nn.ConvTranspose3d))
+            (decay if matrix else rest).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def forget_restarted_codes(module: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """Clear this step's gradient and Adam's moments for codebook rows the forward pass restarted: the
+    moments belong to the old code, and the gradient would pull the new one back toward it."""
+    from genie_env.models.quantizer import VectorQuantizer
+
+    for vq in module.modules():
+        if not isinstance(vq, VectorQuantizer) or vq.restarted is None or not isinstance(vq.embed, nn.Parameter):
+            continue
+        rows, vq.restarted = vq.restarted, None
+        if not rows.any() or not vq.embed.requires_grad:
+            continue
+        if vq.embed.grad is not None:
+            vq.embed.grad[rows] = 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            buf = opt.state.get(vq.embed, {}).get(key)
+            if buf is not None:
+                buf[rows] = 0
+
+
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -336,7 +372,7 @@ class Trainer:
         genie.to(self.device).train()
         module = StageModule(genie, stage, cfg, extra["cotrain_lam"])
         params = module.trained_parameters()
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps))
         wrapped: nn.Module = module
         if self.world > 1:
@@ -392,6 +428,7 @@ class Trainer:
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            forget_restarted_codes(module, opt)
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             opt.step()
             sched.step()

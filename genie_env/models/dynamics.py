@@ -14,10 +14,13 @@ input and at every block.
 
 Training is two-stream so that it sees what play sees. At play time the past frames are complete
 (their tokens are all known) and only the frame being generated is partly masked. Masking every frame
-as the paper does (rate ~ U(0.5, 1)) would train on masked contexts that never occur in play. Here a
-clean stream runs causally over the unmasked clip and provides the keys and values of the past, and a
-masked stream holds each frame t >= 1 with its tokens masked at a rate drawn from
-U(mask_rate_min, mask_rate_max); a masked frame attends to the clean frames before it and to itself.
+as the paper does would train on masked contexts that never occur in play. Here a clean stream runs
+causally over the unmasked clip and provides the keys and values of the past, and a masked stream holds
+each frame t >= 1 with its tokens masked at a rate r = min + (max - min) * cos(pi/2 * u), u ~ U(0, 1)
+(min, max = mask_rate_min, mask_rate_max); a masked frame attends to the clean frames before it and to
+itself. With the defaults (0, 1) this is MaskGIT's training distribution: the input of every step of
+the cosine sampling schedule, at any step count, is as likely as any other, down to one masked token
+(the paper's U(0.5, 1) never shows the rates below 0.5 that a third of the sampling steps run at).
 The clean stream of a frame computes exactly what its masked stream would with nothing masked, so the
 cache filled at play time from finished frames holds what training used. The first frame is never
 masked: it is the prompt.
@@ -223,18 +226,25 @@ class DynamicsModel(nn.Module):
                 xc, xm = blk.forward_train(xc, xm, ac, am, bcc, bm)
         return self.head(self.norm(xm))
 
+    def training_mask(self, b: int, t: int, device: torch.device | str = "cpu",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """(b, t, n) bool: which tokens of t frames the masked stream hides, at a per-frame rate drawn as
+        in the module docstring, and at least one per frame so that every frame contributes."""
+        cfg = self.config
+        n = self.num_tokens
+        u = torch.rand(b, t, 1, device=device, generator=generator)
+        rate = cfg.mask_rate_min + (cfg.mask_rate_max - cfg.mask_rate_min) * torch.cos(math.pi / 2 * u)
+        mask = torch.rand(b, t, n, device=device, generator=generator) < rate
+        force = torch.randint(0, n, (b, t, 1), device=device, generator=generator)
+        return mask.scatter_(2, force, True)
+
     def loss(self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Masked-token cross-entropy on frames 1..T-1, mask rate per frame ~ U(min, max)."""
+        """Masked-token cross-entropy on frames 1..T-1, mask rate per frame drawn as in the module doc."""
         cfg = self.config
         b, t, n = tokens.shape
         dev = tokens.device
-        rate = torch.empty(b, t - 1, 1, device=dev).uniform_(cfg.mask_rate_min, cfg.mask_rate_max,
-                                                             generator=generator)
-        mask = torch.rand(b, t - 1, n, device=dev, generator=generator) < rate
-        # at least one masked token per frame, so every frame contributes
-        force = torch.randint(0, n, (b, t - 1, 1), device=dev, generator=generator)
-        mask.scatter_(2, force, True)
+        mask = self.training_mask(b, t - 1, dev, generator)
         context = None
         if cfg.context_noise > 0:
             noise = torch.rand(b, t, n, device=dev, generator=generator) < cfg.context_noise
@@ -315,17 +325,21 @@ class DynamicsModel(nn.Module):
         """MaskGIT: start fully masked, sample every masked token, keep the most confident, re-mask the
         rest, for ``steps`` steps. Confidence gets Gumbel noise scaled by the temperature (annealed to
         zero), so tokens are revealed in a partly random order: greedy order tends to copy the previous
-        frame. Returns (b, n) long tokens; the cache is not changed."""
+        frame. Every step reveals at least one token (the cosine schedule's first steps round to none
+        at many steps, which would spend a dynamics pass on nothing); with more steps than tokens the
+        frame is finished early. Returns (b, n) long tokens; the cache is not changed."""
         b = action.shape[0]
         n = self.num_tokens
         dev = action.device
         tokens = torch.full((b, n), self.mask_id, dtype=torch.long, device=dev)
         masked = torch.ones(b, n, dtype=torch.bool, device=dev)
+        n_masked = n
         for s in range(steps):
             logits = self.step(cache, torch.where(masked, self.mask_id, tokens), action, rows=rows).float()
             sampled, logp = sample_logits(logits, temperature, top_k, generator)
             tokens = torch.where(masked, sampled, tokens)
-            remain = int(math.floor(n * mask_schedule((s + 1) / steps, schedule)))
+            # every row holds the same number of masked tokens
+            remain = min(int(math.floor(n * mask_schedule((s + 1) / steps, schedule))), n_masked - 1)
             if remain <= 0:
                 break
             conf = logp
@@ -336,6 +350,7 @@ class DynamicsModel(nn.Module):
             conf = torch.where(masked, conf, torch.inf)  # already revealed tokens stay revealed
             lowest = conf.topk(remain, dim=1, largest=False).indices
             masked = torch.zeros_like(masked).scatter_(1, lowest, True)
+            n_masked = remain
         return tokens
 
 

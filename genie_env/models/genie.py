@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genie_env.config import GenieConfig
+from genie_env.config import GenieConfig, preset_config
 from genie_env.hub import HubMixin
 from genie_env.models.dynamics import DynamicsModel
 from genie_env.models.latent_actions import LatentActionModel
@@ -145,8 +145,6 @@ class Genie(nn.Module, HubMixin):
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides) -> Genie:
-        from genie_env.presets import preset_config
-
         return cls(preset_config(name, **overrides))
 
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @dataclass
@@ -49,6 +54,8 @@ class VectorQuantizer(nn.Module):
         self.ema_decay = ema_decay
         self.dead_code_threshold = dead_code_threshold
         self.eps = eps
+        self.restarted: torch.Tensor | None = None
+        """(k,) bool: the codes the last training step restarted (an optimizer's moments for them are stale)."""
         embed = torch.randn(num_codes, dim) * (1.0 / dim**0.5)
         # Usage counts start at zero: every code counts as dead at the first training step and is
         # restarted on an encoder output, which initialises the codebook from the data.
@@ -87,10 +94,12 @@ class VectorQuantizer(nn.Module):
         probs_mean = counts / counts.sum()
         perplexity = torch.exp(-(probs_mean * torch.log(probs_mean + 1e-10)).sum())
 
+        # Read the codes before the update: idx was chosen against this codebook, and a restart may
+        # replace the chosen code with an unrelated vector (which the commitment loss would then pull to).
+        q = F.embedding(idx, self.embed).float()
         if self.training:
             self._update(flat, onehot, counts)
 
-        q = F.embedding(idx, self.embed).float()
         commitment = F.mse_loss(flat, q.detach())
         codebook = flat.new_zeros(()) if self.use_ema else F.mse_loss(q, flat.detach())
         q_st = flat + (q - flat).detach()
@@ -108,9 +117,16 @@ class VectorQuantizer(nn.Module):
     def _update(self, flat: torch.Tensor, onehot: torch.Tensor, counts: torch.Tensor) -> None:
         flat = flat.detach()
         decay = self.ema_decay if self.use_ema else 0.99
+        sums = onehot.t() @ flat if self.use_ema else None
+        if _distributed():
+            # every process keeps the same statistics, so the same codes die and restart everywhere
+            counts = counts.clone()
+            dist.all_reduce(counts)
+            if sums is not None:
+                dist.all_reduce(sums)
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         if self.use_ema:
-            self.ema_sum.mul_(self.ema_decay).add_(onehot.t() @ flat, alpha=1 - self.ema_decay)
+            self.ema_sum.mul_(self.ema_decay).add_(sums, alpha=1 - self.ema_decay)
             n = self.ema_count.sum()
             count = (self.ema_count + self.eps) / (n + self.num_codes * self.eps) * n
             self.embed.copy_(self.ema_sum / count[:, None])
@@ -124,11 +140,16 @@ class VectorQuantizer(nn.Module):
         resumed run restarts the same codes as an uninterrupted one.
         """
         dead = self.ema_count < self.dead_code_threshold
+        self.restarted = dead
         n_dead = int(dead.sum())
         if n_dead == 0 or flat.shape[0] == 0:
             return
         pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
         new = flat[pick] + 1e-3 * torch.randn(n_dead, self.dim, device=flat.device)
+        if _distributed():
+            # the first process's draw, so that the codebooks (a parameter, which data-parallel training
+            # synchronises only at construction) stay identical
+            dist.broadcast(new, src=0)
         self.embed.data[dead] = new.to(self.embed.dtype)
         self.ema_count[dead] = self.dead_code_threshold + 1.0
         if self.use_ema:
