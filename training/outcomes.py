@@ -141,3 +141,54 @@ def dream_event_rates(model: Genie, steps: int = 10_000, num_envs: int = 32, see
     return {"steps": counted, "reward_events": rewards, "terminations": terms,
             "reward_events_per_1000": 1000 * rewards / counted, "terminations_per_1000": 1000 * terms / counted,
             "seconds": round(time.time() - t0, 1)}
+
+
+def metric8(model: Genie, data: list[Path], action_map: dict[str, int], max_inside: int | None = None,
+            dream_steps: int = 0, num_envs: int = 32, seed: int = 0, log=print) -> dict:
+    """EVALUATION.md metric 8: precision / recall on each dataset's real transitions, the real game's event
+    rates, and (``dream_steps`` > 0) event rates in dreams under a uniformly random policy."""
+    res: dict = {}
+    for d in data:
+        m = real_transition_metrics(model, d, action_map, max_inside=max_inside, seed=seed, log=log)
+        for key in ("probabilities", "events", "weights"):
+            m.pop(key)
+        res[str(d)] = {**m, "real_rates": real_event_rates(d)}
+    if dream_steps:
+        res["dreams"] = dream_event_rates(model, dream_steps, num_envs=num_envs, seed=seed)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from genie_env.env import load_action_map
+
+    p = argparse.ArgumentParser(prog="python -m training.outcomes",
+                                description="EVALUATION.md metric 8: reward and episode end")
+    p.add_argument("--checkpoint", default=None, help="release folder (default: the shipped model)")
+    p.add_argument("--data", type=Path, action="append", required=True, help="validation dataset (repeatable)")
+    p.add_argument("--max-inside", type=int, default=None,
+                   help="evaluate every end transition and this many others, weighted (default: all)")
+    p.add_argument("--dream-steps", type=int, default=0, help="env steps in dreams (>= 10000 for metric 8)")
+    p.add_argument("--num-envs", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = Genie.from_pretrained(a.checkpoint)
+    model.autocast_dtype = torch.bfloat16
+    if model.outcomes is None:
+        print("error: --checkpoint has no reward / episode-end heads (train them with --stage reward)",
+              file=sys.stderr)
+        return 2
+    res = metric8(model, a.data, load_action_map(model), a.max_inside, a.dream_steps, a.num_envs, a.seed)
+    print(json.dumps(res, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
