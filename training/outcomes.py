@@ -48,10 +48,92 @@ def compute_loss(genie: Genie, batch: dict, action_map: dict[str, int], pos_weig
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reward stage's loss on one `OutcomeSampler.sample` batch (the heads alone are trained)."""
     assert genie.outcomes is not None
-    features, action = batch_inputs(genie, batch, action_map)
+    if "tokens" in batch:  # a FeaturePool batch: the inputs are ready
+        features, action = batch["tokens"].to(genie.device), batch["actions"].to(genie.device)
+    else:
+        features, action = batch_inputs(genie, batch, action_map)
     dev = genie.device
     return genie.outcomes.loss(features, action, torch.from_numpy(batch["events"]).to(dev),
                                torch.from_numpy(batch["weight"]).to(dev), pos_weight)
+
+
+class FeaturePool:
+    """The reward stage's data with the frozen model's work done once: what the heads read (tokens of frame t
+    and the inferred latent action a_t) for a fixed pool of transitions: every end transition (where every
+    recorded event sits), the ``near`` transitions before each end (frames that look almost the same: the
+    hard negatives) and ``inside`` other transitions drawn uniformly. ``weight`` makes each stratum count as
+    many transitions as it stands for, so that the pool's weighted distribution is the recording's.
+
+    A batch is ``end_fraction`` end transitions, the rest drawn from the other strata; its weights turn it
+    back into the recording's distribution (importance weights), as `OutcomeSampler`'s do. Only the
+    ``tokens`` input can be pooled: hidden states change with the context length drawn per batch.
+    """
+
+    def __init__(self, genie: Genie, sampler: OutcomeSampler, action_map: dict[str, int], inside: int = 16384,
+                 near: int = 8, batch_size: int = 128, seed: int = 0, log=print) -> None:
+        if genie.config.outcome_input != "tokens":
+            raise ValueError("FeaturePool holds tokens: it needs outcome_input 'tokens'")
+        rng = np.random.default_rng([seed, 11])
+        self.sampler, self.end_fraction = sampler, sampler.end_fraction
+        n_inside = int(sampler.cum[-1])
+        ends = np.arange(n_inside, sampler.num_transitions)
+        near_set: set[int] = set()
+        for v in sampler.end_video:  # the last `near` transitions inside each video that ends an episode
+            last = int(sampler.cum[v])  # one past this video's last inside transition
+            near_set.update(range(max(int(sampler.cum[v - 1]) if v else 0, last - near), last))
+        near_idx = np.array(sorted(near_set), dtype=np.int64)
+        far_mask = np.ones(n_inside, dtype=bool)
+        far_mask[near_idx] = False
+        far_all = np.flatnonzero(far_mask)
+        far_idx = np.sort(rng.choice(far_all, min(inside, len(far_all)), replace=False))
+        picks = np.concatenate([ends, near_idx, far_idx])
+        self.weight = np.concatenate([np.ones(len(ends)), np.ones(len(near_idx)),
+                                      np.full(len(far_idx), len(far_all) / max(1, len(far_idx)))]).astype(np.float32)
+        self.is_end = np.zeros(len(picks), dtype=bool)
+        self.is_end[: len(ends)] = True
+        k = genie.config.lam_context_frames
+        gen = torch.Generator().manual_seed(seed)
+        toks, acts, events = [], [], []
+        t0 = time.time()
+        genie.eval()
+        with torch.no_grad(), genie._autocast():
+            for i in range(0, len(picks), batch_size):
+                batch = sampler.gather(picks[i: i + batch_size].tolist(), k)
+                f, a = batch_inputs(genie, batch, action_map, gen)
+                toks.append(f.cpu())
+                acts.append(a.cpu())
+                events.append(torch.from_numpy(batch["events"]))
+        self.tokens, self.actions, self.events = torch.cat(toks), torch.cat(acts), torch.cat(events)
+        self.rng = np.random.default_rng([seed, 13])
+        log(f"stage reward: inputs of {len(picks)} transitions computed once ({len(ends)} ends, {len(near_idx)} "
+            f"just before them, {len(far_idx)} others) in {time.time() - t0:.0f} s")
+
+    def sample(self, batch: int, k: int = 0) -> dict:  # noqa: ARG002 - k: the context, fixed by the pool
+        """A batch: inputs, events and importance weights (natural share / sampled share of each draw)."""
+        n_end = int(self.is_end.sum())
+        rest = np.flatnonzero(~self.is_end)
+        from_end = self.rng.random(batch) < self.end_fraction
+        idx = np.where(from_end, self.rng.integers(0, n_end, batch), rest[self.rng.integers(0, len(rest), batch)])
+        w_rest = self.weight[rest]
+        total = n_end + w_rest.sum()
+        # natural probability weight_i / total against sampled probability: f / n_end or (1 - f) / len(rest)
+        sampled = np.where(from_end, self.end_fraction / n_end, (1 - self.end_fraction) / len(rest))
+        weight = (self.weight[idx] / total) / sampled
+        return {"tokens": self.tokens[idx], "actions": self.actions[idx], "events": self.events[idx].numpy(),
+                "weight": weight.astype(np.float32)}
+
+    def event_counts(self) -> dict[str, int]:
+        return self.sampler.event_counts()
+
+    @property
+    def mean_event_reward(self) -> float:
+        return self.sampler.mean_event_reward
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
 
 
 def precision_recall(pred: np.ndarray, true: np.ndarray, weight: np.ndarray | None = None) -> dict[str, float]:

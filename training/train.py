@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -377,6 +378,11 @@ class Trainer:
         cache = FrameCache(args.data, cfg.image_size, log=self.log if self.is_main else (lambda *a: None))
         if stage == "reward":
             sampler = OutcomeSampler(cache, cfg.outcome_end_fraction, seed=cfg.seed + STAGES.index(stage))
+            if cfg.outcome_input == "tokens":  # the frozen model's part of the inputs, computed once
+                from training.outcomes import FeaturePool
+
+                sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log)
+                genie.train()
             self.log(f"stage reward: {sampler.event_counts()} in {args.data}")
             if state is None:
                 assert genie.outcomes is not None
@@ -420,8 +426,8 @@ class Trainer:
         status = "done"
         saved = None
         while step < max_steps:
-            if stage == "reward":  # context lengths 1 .. context_frames - 1, as after a reset and later
-                x = sampler.sample(cfg.batch_size, int(sampler.rng.integers(1, max(2, cfg.context_frames))))
+            if stage == "reward":
+                x = sampler.sample(cfg.batch_size, _reward_context(cfg, sampler.rng))
             else:
                 x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
             with autocast:
@@ -609,6 +615,15 @@ def _remove_partial_writes(sdir: Path) -> None:
     for tmp in sdir.glob("checkpoint.pt.tmp*"):
         tmp.unlink(missing_ok=True)
     recover_interrupted_save(sdir / "release")
+
+
+def _reward_context(cfg: GenieConfig, rng: np.random.Generator) -> int:
+    """Past frames a reward-stage sample carries. Hidden states depend on the whole context: lengths 1 ..
+    context_frames - 1, as after a reset and later. Tokens of frame t need only what the latent action
+    model reads to infer a_t (its context frames up to x_t)."""
+    if cfg.outcome_input == "tokens":
+        return cfg.lam_context_frames
+    return int(rng.integers(1, max(2, cfg.context_frames)))
 
 
 _PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics", "reward": "outcomes"}

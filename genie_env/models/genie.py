@@ -157,9 +157,9 @@ class Genie(nn.Module, HubMixin):
         session at play time does, or (b, n) tokens of frame t ("tokens")."""
         if self.outcomes is None:
             raise ValueError("this model has no reward / episode-end heads (config.outcome_input is 'none')")
+        if self.config.outcome_input == "tokens":  # frame t alone: the tokenizer is per frame
+            return self.tokenizer.encode(frames[:, :, -1:]).flatten(2)[:, -1]
         tokens = self.tokenizer.encode(frames).flatten(2)  # (b, K, n)
-        if self.config.outcome_input == "tokens":
-            return tokens[:, -1]
         dyn = self.dynamics
         b, k = tokens.shape[:2]
         cache = dyn.new_cache(b, device=tokens.device, dtype=torch.float32)
