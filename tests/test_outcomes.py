@@ -17,7 +17,7 @@ from test_training import run
 
 from genie_env import Genie, GenieEnv, GenieVectorEnv
 from training.data import FrameCache, OutcomeSampler
-from training.outcomes import dream_event_rates, precision_recall
+from training.outcomes import FeaturePool, best_thresholds, dream_event_rates, precision_recall
 
 
 def force_heads(model: Genie, reward: float = 10.0, fire: bool = True) -> Genie:
@@ -207,6 +207,38 @@ def test_outcome_sampler_puts_each_event_on_its_transition(tmp_path):
     assert 0.15 < ends.mean() < 0.4  # end_fraction 0.25 plus the uniform share
     # importance weights restore the natural share of end transitions (2 of 29)
     assert (draws["weight"] * ends).sum() / draws["weight"].sum() == pytest.approx(2 / 29, abs=0.03)
+
+
+def test_feature_pool_holds_every_end_the_frames_before_and_weights_back(tmp_path):
+    cache = FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None)
+    s = OutcomeSampler(cache, end_fraction=0.5)
+    model = tiny_model(outcome_input="tokens")
+    pool = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=lambda *a: None)
+    # 2 ends; the 2 transitions before each end (videos 0 and 1: 7->8, 8->9); 5 of the other 23
+    assert len(pool.tokens) == 2 + 4 + 5 and pool.is_end.sum() == 2
+    np.testing.assert_array_equal(pool.events[:2].numpy(), [[1, 1], [0, 1]])
+    assert pool.actions[:2].tolist() == [2, 1]  # end transitions: the action map's latent for the group
+    # tokens of the end transitions are those of each video's last frame
+    last = torch.from_numpy(np.stack([cache.clip(v, 9, 1)[0] for v in (0, 1)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want = model.tokenizer.encode(last.float().div(255)[:, :, None]).flatten(2)[:, 0]
+    assert torch.equal(pool.tokens[:2], want)
+    assert pool.weight[6:].sum() == pytest.approx(27 - 4)  # the far stratum counts as all of its transitions
+    b = pool.sample(2000)
+    is_end = b["events"][:, 1] > 0
+    assert 0.4 < is_end.mean() < 0.6
+    # importance weights restore the natural share of end transitions (2 of 29)
+    assert (b["weight"] * is_end).sum() / b["weight"].sum() == pytest.approx(2 / 29, abs=0.01)
+
+
+def test_best_thresholds_pick_the_best_f1():
+    p = np.array([[0.9, 0.1], [0.6, 0.8], [0.3, 0.7], [0.2, 0.2], [0.05, 0.75]])
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [0, 1]], bool)
+    thr = best_thresholds(p, y, np.ones(5))
+    # head 0: threshold just under 0.9 gives P 1, R 0.5 (F1 .67); under 0.3: P .67 R 1 (F1 .8)
+    assert 0.2 < thr[0] < 0.3
+    assert 0.2 < thr[1] < 0.7  # every event above, no non-event: F1 1
+    assert ((p[:, 1] > thr[1]) == y[:, 1]).all()
 
 
 def test_precision_recall_on_known_inputs():

@@ -189,6 +189,34 @@ def real_transition_metrics(genie: Genie, data_dir: str | Path, action_map: dict
     return out
 
 
+def best_thresholds(probs: np.ndarray, events: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per head, the probability threshold with the best F1 (weighted counts) on these transitions."""
+    out = np.full(probs.shape[1], 0.5)
+    for j in range(probs.shape[1]):
+        best = -1.0
+        for thr in np.unique(probs[:, j][events[:, j]]):  # candidate: just below a true event's probability
+            pr = precision_recall(probs[:, j] >= thr, events[:, j], weights)
+            p, r = pr["precision"], pr["recall"]
+            f1 = 0.0 if not (p + r > 0) else 2 * p * r / (p + r)
+            if f1 > best:
+                best, out[j] = f1, float(np.nextafter(thr, -1.0))
+    return out
+
+
+def calibrate(model: Genie, data_dir: str | Path, action_map: dict[str, int], max_inside: int | None = None,
+              seed: int = 0, log=print) -> dict:
+    """Set the heads' thresholds to the best F1 on ``data_dir``'s real transitions (a set that metric 8 is then
+    not reported on) and return them with that set's figures."""
+    m = real_transition_metrics(model, data_dir, action_map, max_inside=max_inside, seed=seed, log=log)
+    thr = best_thresholds(m["probabilities"], m["events"], m["weights"])
+    assert model.outcomes is not None
+    model.outcomes.threshold.copy_(torch.from_numpy(thr).float())
+    res = {"calibration_data": str(data_dir), "threshold": thr.tolist()}
+    for j, name in enumerate(EVENTS):
+        res[name] = precision_recall(m["probabilities"][:, j] > thr[j], m["events"][:, j], m["weights"])
+    return res
+
+
 def real_event_rates(data_dir: str | Path) -> dict[str, float]:
     """Events per 1,000 steps of the real game under the recording's policy, from its dataset.json."""
     summary = json.loads((Path(data_dir) / "dataset.json").read_text())
@@ -245,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from genie_env.env import load_action_map
+    from genie_env.hub import EXTRA_FILES
 
     p = argparse.ArgumentParser(prog="python -m training.outcomes",
                                 description="EVALUATION.md metric 8: reward and episode end")
@@ -257,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--calibrate-on", type=Path, default=None,
+                   help="first set the heads' thresholds to the best F1 on this dataset and save them into "
+                        "--checkpoint (report --data on other levels)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = Genie.from_pretrained(a.checkpoint)
@@ -265,7 +297,19 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --checkpoint has no reward / episode-end heads (train them with --stage reward)",
               file=sys.stderr)
         return 2
-    res = metric8(model, a.data, load_action_map(model), a.max_inside, a.dream_steps, a.num_envs, a.seed)
+    action_map = load_action_map(model)
+    cal = None
+    if a.calibrate_on is not None:
+        if a.checkpoint is None:
+            print("error: --calibrate-on writes into --checkpoint: name the release folder", file=sys.stderr)
+            return 2
+        cal = calibrate(model, a.calibrate_on, action_map, a.max_inside, a.seed)
+        model.save_pretrained(a.checkpoint, extra_files={n: Path(a.checkpoint) / n for n in EXTRA_FILES
+                                                         if (Path(a.checkpoint) / n).is_file()})
+        print(f"thresholds {cal['threshold']} (best F1 on {a.calibrate_on}) saved into {a.checkpoint}")
+    res = metric8(model, a.data, action_map, a.max_inside, a.dream_steps, a.num_envs, a.seed)
+    if cal is not None:
+        res["calibration"] = cal
     print(json.dumps(res, indent=2))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
