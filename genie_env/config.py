@@ -50,6 +50,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "max_steps": (1, 10**9),
     "epochs": (1, 10**6),
     "seed": (0, 2**63 - 1),
+    "outcome_dim": (4, 4096),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "tokenizer_commitment": (0.0, 100.0),
@@ -67,9 +68,12 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "grad_clip": (0.0, 1e6),
     "lambda_action": (0.0, 1e3),
     "lambda_dynamics": (0.0, 1e3),
+    "outcome_end_fraction": (0.0, 1.0),
+    "outcome_pos_weight": (1.0, 1e6),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "maskgit_schedule": ("cosine", "linear", "exp"),
+    "outcome_input": ("none", "hidden", "tokens"),
 }
 
 
@@ -142,6 +146,20 @@ class GenieConfig:
     """See mask_rate_min."""
     context_noise: float = 0.0
     """Fraction of context tokens replaced by random ones in training (robustness to own samples)."""
+
+    # --- reward and episode-end model (optional; the "reward" training stage) ---
+    outcome_input: str = "none"
+    """What the reward / episode-end heads read: "hidden" (the dynamics' hidden states of its first MaskGIT
+    pass over the frame being generated, conditioned on the latent action: free at play time), "tokens"
+    (the current frame's tokens and the latent action), or "none" (no heads: reward 0, never terminated)."""
+    outcome_dim: int = 64
+    """Width of the reward / episode-end heads."""
+    outcome_end_fraction: float = 0.25
+    """Reward stage: share of each batch drawn from the transitions out of a video's last frame, where
+    every event of a recording sits (the rest uniformly from all transitions)."""
+    outcome_pos_weight: float = 20.0
+    """Reward stage: loss weight of an event against a non-event (events are rare); the heads subtract
+    its log from their logits so that their probabilities are the real game's."""
 
     # --- sampling ---
     maskgit_steps: int = 25

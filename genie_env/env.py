@@ -220,8 +220,12 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Rewards
 
-    0.0 per step: a world model has no score. Pass `reward_fn(prev_obs, action, obs) -> float` to define
-    one (e.g. from a detector of coins on screen).
+    When the checkpoint has reward / episode-end heads (`model.outcomes`; the shipped model's model card
+    says whether it does), the predicted reward of each transition: the mean event reward of the training
+    data (CoinRun: 10, the coin) when the predicted probability of a reward event exceeds the head's
+    threshold, else 0.0. Without heads, 0.0 per step. `info["reward_probability"]` and
+    `info["termination_probability"]` hold the predicted probabilities. A `reward_fn(prev_obs, action,
+    obs) -> float` replaces the reward (e.g. a detector of coins on screen).
 
     ## Starting State
 
@@ -231,7 +235,8 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Episode End
 
-    Never terminated: the model has no notion of game over. `gym.make("Genie-v0")` truncates after
+    Terminated when the checkpoint's episode-end head predicts that the game ends the episode (CoinRun:
+    the coin or a death); never without heads. `gym.make("Genie-v0")` truncates after
     1000 steps (about a minute at 15 frames per second): long enough for a level's worth of play, short
     enough that agents see fresh prompts often, since an autoregressive model drifts away from the data
     the longer it dreams.
@@ -291,6 +296,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
         self._session: GenieSession | None = None
         self._obs: np.ndarray | None = None
         self._steps = 0
+        self._probs = [0.0, 0.0]  # predicted probabilities of a reward event and a termination, last step
         self._window = None  # pygame display surface, "human" mode only
         self._clock = None
 
@@ -318,6 +324,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
                                          top_k=self.top_k, context_frames=self.context_frames)
         self._obs = images[0].copy()
         self._steps = 0
+        self._probs = [0.0, 0.0]
         if self.render_mode == "human":
             self.render()
         return self._obs.copy(), {**self._info(), "prompt_index": index}
@@ -330,12 +337,18 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
         frame = self._session.step(torch.tensor([a], device=self.model.device))
         prev, self._obs = self._obs, frames_to_images(frame)[0]
         self._steps += 1
-        reward = 0.0
+        reward, terminated = 0.0, False
+        probs = self._session.last_outcomes
+        if probs is not None:
+            assert self.model.outcomes is not None
+            rewards, ends = self.model.outcomes.decide(probs)
+            reward, terminated = float(rewards[0]), bool(ends[0])
+            self._probs = probs[0].tolist()
         if self.reward_fn is not None:
             reward = call_reward_fn(self.reward_fn, prev.copy(), a, self._obs.copy())
         if self.render_mode == "human":
             self.render()
-        return self._obs.copy(), reward, False, False, self._info()
+        return self._obs.copy(), reward, terminated, False, self._info()
 
     def render(self) -> np.ndarray | None:
         if self.render_mode is None:
@@ -372,7 +385,10 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
 
     # ------------------------------------------------------------------ internals
     def _info(self) -> dict[str, Any]:
-        return {"step": self._steps, "maskgit_steps": self.maskgit_steps, "temperature": self.temperature}
+        info = {"step": self._steps, "maskgit_steps": self.maskgit_steps, "temperature": self.temperature}
+        if self.model.outcomes is not None:
+            info["reward_probability"], info["termination_probability"] = self._probs
+        return info
 
     def _render_human(self) -> None:
         try:

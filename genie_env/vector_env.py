@@ -42,9 +42,11 @@ __all__ = ["GenieVectorEnv"]
 class GenieVectorEnv(VectorEnv):
     """N Genie environments in one batched `GenieSession` (see `GenieEnv` for the game itself).
 
-    Autoreset is Gymnasium's NEXT_STEP mode: the step after an env ends returns its new start frame,
-    reward 0 and ``terminated = truncated = False``, and ignores its action. Episodes are truncated after
-    ``max_episode_steps`` (``gym.make_vec`` passes the registration's 1000).
+    Autoreset is Gymnasium's NEXT_STEP mode: the step after an env ends returns its new start frame (a
+    new prompt from the bank), reward 0 and ``terminated = truncated = False``, and ignores its action.
+    An env ends when the checkpoint's episode-end head predicts a termination (see `GenieEnv`: rewards
+    and terminations come from the heads when the checkpoint has them) or after ``max_episode_steps``
+    (``gym.make_vec`` passes the registration's 1000).
 
     Seeding: ``reset(seed=s)`` seeds env i's prompt choice with ``s + i`` (a list gives each env its own
     seed), so row i starts from the frame a single ``GenieEnv`` reset with ``seed=s + i`` starts from.
@@ -105,6 +107,7 @@ class GenieVectorEnv(VectorEnv):
         self._start_images: np.ndarray | None = None
         self._steps = np.zeros(self.num_envs, dtype=np.int64)
         self._prev_done = np.zeros(self.num_envs, dtype=np.bool_)
+        self._probs = np.zeros((self.num_envs, 2))  # predicted P(reward event), P(termination), last step
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
@@ -142,6 +145,7 @@ class GenieVectorEnv(VectorEnv):
         self._obs = images.copy()
         self._start_images = images.copy()
         self._steps[:] = 0
+        self._probs[:] = 0.0
         self._prev_done[:] = False
         return self._obs.copy(), {**self._info(), "prompt_index": index, "_prompt_index": self._all()}
 
@@ -157,6 +161,12 @@ class GenieVectorEnv(VectorEnv):
         self._steps += 1
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=np.bool_)
+        probs = self.session.last_outcomes
+        if probs is not None:
+            assert self.model.outcomes is not None
+            r, t = self.model.outcomes.decide(probs)
+            rewards[:], terminated[:] = r.cpu().numpy(), t.cpu().numpy()
+            self._probs = probs.float().cpu().numpy().astype(np.float64)
         if self.reward_fn is not None:
             for i in np.flatnonzero(~self._prev_done):
                 rewards[i] = call_reward_fn(self.reward_fn, prev[i].copy(), int(acts[i]), obs[i].copy())
@@ -173,6 +183,8 @@ class GenieVectorEnv(VectorEnv):
             obs[done_rows] = images
             self._steps[done_rows] = 0
             rewards[done_rows] = 0.0
+            terminated[done_rows] = False
+            self._probs[done_rows] = 0.0
 
         if self.max_episode_steps is None:
             truncated = np.zeros(self.num_envs, dtype=np.bool_)
@@ -245,6 +257,9 @@ class GenieVectorEnv(VectorEnv):
             "maskgit_steps": np.full(self.num_envs, self.maskgit_steps),
             "temperature": np.full(self.num_envs, self.temperature),
         }
+        if self.model.outcomes is not None:
+            info["reward_probability"] = self._probs[:, 0].copy()
+            info["termination_probability"] = self._probs[:, 1].copy()
         for key in list(info):
             info["_" + key] = self._all()
         return info

@@ -257,3 +257,120 @@ def load_actions(data_dir: str | Path, video_name: str) -> dict | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def group_of_action(names: list[str], action: int) -> str:
+    """The platformer group (LEFT, RIGHT+UP, NONE, ...) of a recorded game action, by its name."""
+    from training.record import action_group
+
+    name = names[action]
+    return action_group(() if name == "NONE" else tuple(name.split("+")))
+
+
+class OutcomeSampler:
+    """Transitions t -> t+1 with their recorded outcome, for the reward stage.
+
+    Reads the outcomes stored beside each video (``rewards``, ``terminated``, ``end``; see
+    `training.record`). Every event of a recording sits on the transition out of a video's last frame
+    (the episode's end, stored as ``end``), which has no next frame in the video; a share
+    ``end_fraction`` of each batch is drawn from those end transitions, the rest uniformly from all
+    transitions. ``weight`` turns each draw back into the recording's own distribution (importance
+    weights: natural probability / sampling probability).
+
+    A sample holds the ``k`` frames up to frame t (the first frame repeated where the video starts later)
+    and frame t+1 (frame t again for an end transition, flagged by ``is_end``), the true action's group
+    for end transitions (their latent action cannot be inferred without frame t+1) and the two events.
+    """
+
+    def __init__(self, cache: FrameCache, end_fraction: float = 0.25, seed: int = 0) -> None:
+        self.cache = cache
+        self.end_fraction = float(end_fraction)
+        counts, events, end_video, end_group, end_events = [], [], [], [], []
+        pos_rewards: list[float] = []
+        missing = 0
+        for v, e in enumerate(cache.videos):
+            meta = load_actions(cache.data_dir, e.name)
+            if meta is None or "rewards" not in meta:
+                missing += 1
+                counts.append(0)
+                events.append(np.zeros((0, 2), dtype=np.float32))
+                continue
+            n = min(e.frames - 1, len(meta["rewards"]))
+            ev = np.zeros((n, 2), dtype=np.float32)
+            ev[:, 0] = np.asarray(meta["rewards"][:n], dtype=np.float64) > 0
+            ev[:, 1] = np.asarray(meta.get("terminated", [False] * n)[:n], dtype=bool)
+            counts.append(n)
+            events.append(ev)
+            pos_rewards += [float(r) for r in meta["rewards"][:n] if r > 0]
+            end = meta.get("end")
+            if end is not None and n == e.frames - 1:
+                pos_rewards += [float(end["reward"])] if end["reward"] > 0 else []
+                end_video.append(v)
+                end_group.append(group_of_action(meta["action_names"], int(end["action"])))
+                end_events.append([float(end["reward"] > 0), float(bool(end["terminated"]))])
+        if missing == len(cache.videos):
+            raise DatasetError(
+                f"no video in {cache.data_dir} has recorded outcomes (rewards/terminated/end in its .json): "
+                "record the dataset with `python -m training.record`, which stores them")
+        self.events = events
+        self.cum = np.cumsum(counts)
+        self.end_video = np.array(end_video, dtype=np.int64)
+        self.end_group = end_group
+        self.end_events = np.array(end_events, dtype=np.float32).reshape(-1, 2)
+        self.num_transitions = int(self.cum[-1]) + len(end_video)
+        self.mean_event_reward = float(np.mean(pos_rewards)) if pos_rewards else 1.0
+        """The mean reward of a reward event (what the env returns when the reward head fires)."""
+        self.rng = np.random.default_rng([seed, 7])
+
+    def event_counts(self) -> dict[str, int]:
+        inside = np.concatenate(self.events) if self.events else np.zeros((0, 2))
+        both = np.concatenate([inside, self.end_events])
+        return {"transitions": self.num_transitions, "reward_events": int(both[:, 0].sum()),
+                "terminations": int(both[:, 1].sum())}
+
+    def transition(self, p: int) -> tuple[int, int, int]:
+        """Transition number p in [0, num_transitions) -> (video, frame t, end index or -1): first every
+        transition inside a video, then the end transitions."""
+        n_inside = int(self.cum[-1])
+        if p >= n_inside:
+            j = p - n_inside
+            v = int(self.end_video[j])
+            return v, self.cache.videos[v].frames - 1, j
+        v = int(np.searchsorted(self.cum, p, side="right"))
+        return v, int(p - (self.cum[v - 1] if v else 0)), -1
+
+    def sample(self, batch: int, k: int) -> dict[str, np.ndarray | list[str]]:
+        """``batch`` random transitions with ``k`` context frames (see `gather`), ``end_fraction`` of them
+        from the end transitions."""
+        n_inside, n_end = int(self.cum[-1]), len(self.end_video)
+        f = self.end_fraction if n_end else 0.0
+        picks = [n_inside + int(self.rng.integers(n_end)) if self.rng.random() < f
+                 else int(self.rng.integers(self.num_transitions)) for _ in range(batch)]
+        out = self.gather(picks, k)
+        # natural probability 1/N against sampling probability (1-f)/N + f/E for an end transition
+        out["weight"] = (1.0 / ((1 - f) + out["is_end"] * (f * self.num_transitions / max(n_end, 1)))
+                         ).astype(np.float32)
+        return out
+
+    def gather(self, picks: list[int], k: int) -> dict[str, np.ndarray | list[str]]:
+        """Transitions by number: frames (b, k+1, H, W, 3) uint8 (frames t-k+1 .. t+1), events (b, 2)
+        float, is_end (b,) bool, group (b,) str ("" inside a video), weight (b,) ones."""
+        frames, events, is_end, group = [], [], [], []
+        for p in picks:
+            v, t, j = self.transition(p)
+            events.append(self.end_events[j] if j >= 0 else self.events[v][t])
+            group.append(self.end_group[j] if j >= 0 else "")
+            is_end.append(j >= 0)
+            last = self.cache.videos[v].frames - 1
+            idx = np.clip(np.arange(t - k + 1, t + 2), 0, last)
+            start = int(idx[0])
+            clip = self.cache.clip(v, start, int(idx[-1]) - start + 1)
+            frames.append(clip[idx - start])
+        return {"frames": np.stack(frames), "events": np.stack(events).astype(np.float32),
+                "is_end": np.array(is_end), "group": group, "weight": np.ones(len(picks), dtype=np.float32)}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]

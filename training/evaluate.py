@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--strip", type=Path, default=None, help="save a rollout strip PNG here")
+    p.add_argument("--outcome-max-inside", type=int, default=None,
+                   help="metric 8 (models with reward / episode-end heads): every end transition and this many "
+                        "others, weighted (default: every transition); dreams: python -m training.outcomes")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -228,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         model.autocast_dtype = torch.bfloat16
     clips = load_eval_clips(a.data, model.config.image_size, num_clips=a.clips)
     res = evaluate(model, clips, seed=a.seed, maskgit_steps=a.maskgit_steps, temperature=a.temperature)
+    if model.outcomes is not None:  # metric 8 on the real transitions of --data
+        from genie_env.env import load_action_map
+        from training.outcomes import metric8
+
+        res["reward_and_episode_end"] = metric8(model, [a.data], load_action_map(model), a.outcome_max_inside,
+                                                seed=a.seed)[str(a.data)]
     res["threads"] = torch.get_num_threads()
     res["bf16"] = a.bf16
     res["checkpoint"] = str(a.checkpoint or "shipped default")

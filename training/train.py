@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 2 -m training.train --config ... --data DATA --out RUN   # several processes
 
 Stages, in order (``--stage`` runs one): ``tokenizer`` (VQ-VAE on single frames), ``lam`` (the latent
-action model alone) and ``dynamics`` (the dynamics model on the frozen tokenizer's tokens and the latent
-actions, the latent action model co-trained with it unless ``cotrain_lam: false``, as in the paper).
+action model alone), ``dynamics`` (the dynamics model on the frozen tokenizer's tokens and the latent
+actions, the latent action model co-trained with it unless ``cotrain_lam: false``, as in the paper) and
+``reward`` (the reward / episode-end heads on the frozen model, from the outcomes recorded beside the
+videos; runs only when the config sets ``outcome_input``, e.g. ``outcome_input=hidden``).
 
 The config YAML holds `GenieConfig` fields, plus optional ``stages: {tokenizer: {...}, lam: {...},
 dynamics: {...}}`` with per-stage training settings (batch_size, learning_rate, max_steps, num_frames,
@@ -29,22 +31,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from genie_env import Genie, GenieConfig
 from genie_env.config import ConfigError
-from genie_env.hub import recover_interrupted_save
+from genie_env.hub import EXTRA_FILES, recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
-from training.data import ClipSampler, DatasetError, FrameCache, to_tensor
+from training.data import ClipSampler, DatasetError, FrameCache, OutcomeSampler, to_tensor
 
-STAGES = ("tokenizer", "lam", "dynamics")
+STAGES = ("tokenizer", "lam", "dynamics", "reward")
 # Fields a stage may override: training settings only, never the architecture.
 STAGE_FIELDS = {
     "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs", "grad_clip",
     "num_frames", "bf16", "gradient_checkpointing", "mask_rate_min", "mask_rate_max", "context_noise",
     "lam_entropy_weight", "lam_beta", "lambda_action", "lambda_dynamics", "tokenizer_commitment",
+    "outcome_end_fraction", "outcome_pos_weight",
 }
 STAGE_EXTRA = {"cotrain_lam": True}
 
@@ -151,9 +155,11 @@ def stage_config(config: GenieConfig, stage_ov: dict[str, Any]) -> tuple[GenieCo
 class StageModule(nn.Module):
     """The loss of one stage as a module (what DistributedDataParallel wraps)."""
 
-    def __init__(self, genie: Genie, stage: str, cfg: GenieConfig, cotrain_lam: bool) -> None:
+    def __init__(self, genie: Genie, stage: str, cfg: GenieConfig, cotrain_lam: bool,
+                 action_map: dict[str, int] | None = None) -> None:
         super().__init__()
         self.genie = genie
+        self.action_map = action_map or {}
         self.stage = stage
         self.cfg = cfg
         self.cotrain_lam = cotrain_lam
@@ -168,13 +174,20 @@ class StageModule(nn.Module):
             return list(g.tokenizer.parameters())
         if self.stage == "lam":
             return list(g.latent_actions.parameters())
+        if self.stage == "reward":
+            assert g.outcomes is not None
+            return list(g.outcomes.parameters())
         params = list(g.dynamics.parameters())
         if self.cotrain_lam:
             params += list(g.latent_actions.parameters())
         return params
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, frames: torch.Tensor | dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         g, cfg = self.genie, self.cfg
+        if self.stage == "reward":  # frames: an OutcomeSampler batch
+            from training.outcomes import compute_loss
+
+            return compute_loss(g, frames, self.action_map, cfg.outcome_pos_weight)
         if self.stage == "tokenizer":
             out = g.tokenizer(frames)
             return out.loss, {"recon_mse": out.recon_loss.detach(), "perplexity": out.perplexity.detach()}
@@ -289,6 +302,11 @@ class Trainer:
             stages = STAGES if self.args.stage == "all" else (self.args.stage,)
             if self.args.stage not in STAGES + ("all",):
                 raise ConfigError(f"--stage must be one of {', '.join(STAGES)} or all, got {self.args.stage!r}")
+            if self.config.outcome_input == "none":  # a model without reward / episode-end heads
+                if self.args.stage == "reward":
+                    raise ConfigError("--stage reward trains the reward / episode-end heads: set what they "
+                                      "read, e.g. outcome_input=hidden (or tokens)")
+                stages = tuple(s for s in stages if s != "reward")
             if self.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 import yaml
@@ -315,7 +333,8 @@ class Trainer:
         the tokenizer for the lam stage; the tokenizer and latent action model for the dynamics stage."""
         torch.manual_seed(self.config.seed)
         model = Genie(self.config)
-        needed = {"tokenizer": (), "lam": ("tokenizer",), "dynamics": ("tokenizer", "latent_actions")}[stage]
+        needed = {"tokenizer": (), "lam": ("tokenizer",), "dynamics": ("tokenizer", "latent_actions"),
+                  "reward": ("tokenizer", "latent_actions", "dynamics")}[stage]
         chosen = {}
         for item in self.args.init_part:
             part, sep, folder = item.partition("=")
@@ -327,6 +346,13 @@ class Trainer:
             chosen[part] = Path(folder)
         if self.args.init_from is not None:
             sources = {part: Path(self.args.init_from) for part in needed + (_PART[stage],)}
+            if stage == "reward" and not _has_part(Path(self.args.init_from), "outcomes"):
+                del sources["outcomes"]  # a release without heads: they start from scratch
+        elif stage == "reward":  # the model the dynamics stage finished, all parts of it
+            rel = self.out / "dynamics" / "release"
+            if not (rel / "model.safetensors").is_file():
+                raise ConfigError(f"stage reward needs a trained model: none in {rel}; pass --init-from RELEASE")
+            sources = {part: rel for part in needed if part not in chosen}
         else:
             sources = {}
             for part in needed:
@@ -347,6 +373,10 @@ class Trainer:
         for part, src in sources.items():
             load_part(model, src, part)
             self.log(f"stage {stage}: {part} from {src}")
+        if stage == "reward":  # the release keeps the prompt bank and action map the env plays with
+            src = sources.get("dynamics")
+            model.extra_files = {name: src / name for name in EXTRA_FILES
+                                 if src is not None and (src / name).is_file() and name != "README.md"}
         return model.train()
 
     def run_stage(self, stage: str) -> str:
@@ -369,8 +399,10 @@ class Trainer:
         genie = self._initial_model(stage) if state is None else Genie(self.config)
         if state is not None:
             genie.load_state_dict(state["model"])
+            genie.extra_files = {k: Path(v) for k, v in state.get("extra_files", {}).items()}
         genie.to(self.device).train()
-        module = StageModule(genie, stage, cfg, extra["cotrain_lam"])
+        action_map = _read_action_map(genie) if stage == "reward" else None
+        module = StageModule(genie, stage, cfg, extra["cotrain_lam"], action_map)
         params = module.trained_parameters()
         opt = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.learning_rate, betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps))
@@ -380,8 +412,21 @@ class Trainer:
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         cache = FrameCache(args.data, cfg.image_size, log=self.log if self.is_main else (lambda *a: None))
-        sampler = ClipSampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
-                              world_size=self.world)
+        if stage == "reward":
+            sampler = OutcomeSampler(cache, cfg.outcome_end_fraction, seed=cfg.seed + STAGES.index(stage))
+            if cfg.outcome_input == "tokens":  # the frozen model's part of the inputs, computed once
+                from training.outcomes import FeaturePool
+
+                sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log)
+                genie.train()
+            self.log(f"stage reward: {sampler.event_counts()} in {args.data}")
+            if state is None:
+                assert genie.outcomes is not None
+                genie.outcomes.logit_offset.fill_(-math.log(cfg.outcome_pos_weight))
+                genie.outcomes.event_reward.fill_(sampler.mean_event_reward)
+        else:
+            sampler = ClipSampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
+                                  world_size=self.world)
         step = 0
         elapsed = 0.0
         if state is not None:
@@ -394,7 +439,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed * 1000 + STAGES.index(stage) * 100 + self.rank)
 
-        val = self._val_clips(cfg) if (self.is_main and args.val_data) else None
+        val = self._val_clips(cfg, stage) if (self.is_main and args.val_data) else None
         writer = self._writer(sdir) if self.is_main else None
         csv_path = sdir / "metrics.csv"
         frames_per_step = cfg.batch_size * cfg.num_frames * self.world
@@ -417,7 +462,10 @@ class Trainer:
         status = "done"
         saved = None
         while step < max_steps:
-            x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
+            if stage == "reward":
+                x = sampler.sample(cfg.batch_size, _reward_context(cfg, sampler.rng))
+            else:
+                x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
             with autocast:
                 loss, metrics = wrapped(x)
             if not torch.isfinite(loss):
@@ -515,7 +563,7 @@ class Trainer:
             "stage": stage, "step": step, "elapsed": elapsed, "model": genie.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "sampler": samplers if self.world > 1 else samplers[0], "torch_rng": torch.get_rng_state(),
-            "config": self.config.to_dict(),
+            "config": self.config.to_dict(), "extra_files": {k: str(v) for k, v in genie.extra_files.items()},
         }
         try:
             atomic_save(state, ckpt_path)
@@ -554,9 +602,11 @@ class Trainer:
                 if k != "step":
                     writer.add_scalar(k, v, row["step"])
 
-    def _val_clips(self, cfg: GenieConfig):
+    def _val_clips(self, cfg: GenieConfig, stage: str):
         from training.evaluate import load_eval_clips
 
+        if stage == "reward":  # real transitions, read by metric 8 at each validation
+            return {"outcomes_data": self.args.val_data}
         return load_eval_clips(self.args.val_data, cfg.image_size, num_clips=self.args.val_clips,
                                clip_frames=16, log=self.log)
 
@@ -565,7 +615,15 @@ class Trainer:
         from training.evaluate import evaluate_stage
 
         genie.eval()
-        res = evaluate_stage(genie, stage, val, samples_to=sdir / "samples" / f"step_{step:07d}")
+        if stage == "reward":
+            from training.outcomes import real_transition_metrics
+
+            # every event of the validation set, and 2,000 other transitions standing for all of them
+            m8 = real_transition_metrics(genie, val["outcomes_data"], _read_action_map(genie),
+                                         max_inside=2000, log=lambda *a: None)
+            res = {f"{ev}_{k}": m8[ev][k] for ev in ("reward", "terminated") for k in ("precision", "recall")}
+        else:
+            res = evaluate_stage(genie, stage, val, samples_to=sdir / "samples" / f"step_{step:07d}")
         self.log(f"stage {stage} step {step} validation: " + ", ".join(
             f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, (int, float))))
         self._log_row(sdir / "val_metrics.csv", writer,
@@ -596,7 +654,34 @@ def _remove_partial_writes(sdir: Path) -> None:
     recover_interrupted_save(sdir / "release")
 
 
-_PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics"}
+def _reward_context(cfg: GenieConfig, rng: np.random.Generator) -> int:
+    """Past frames a reward-stage sample carries. Hidden states depend on the whole context: lengths 1 ..
+    context_frames - 1, as after a reset and later. Tokens of frame t need only what the latent action
+    model reads to infer a_t (its context frames up to x_t)."""
+    if cfg.outcome_input == "tokens":
+        return cfg.lam_context_frames
+    return int(rng.integers(1, max(2, cfg.context_frames)))
+
+
+_PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics", "reward": "outcomes"}
+
+
+def _has_part(folder: Path, part: str) -> bool:
+    from genie_env.hub import WEIGHTS_NAME, read_safetensors_header
+
+    return any(k.startswith(part + ".") for k in read_safetensors_header(folder / WEIGHTS_NAME))
+
+
+def _read_action_map(genie: Genie) -> dict[str, int]:
+    """Group -> latent action from the model's action_map.json; without one, end transitions get random
+    latent actions (see training.outcomes)."""
+    from genie_env.env import load_action_map
+
+    amap = load_action_map(genie)
+    if not amap:
+        print("warning: the model ships no action_map.json: the transitions out of a video's last frame get "
+              "random latent actions", file=sys.stderr)
+    return amap
 
 
 def load_part(model: Genie, folder: Path, part: str) -> None:

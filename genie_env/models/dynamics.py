@@ -286,13 +286,15 @@ class DynamicsModel(nn.Module):
         return torch.cat([past, own], dim=2)  # (b, H, c+1)
 
     def step(self, cache: KVCache, tokens: torch.Tensor, action: torch.Tensor,
-             rows: torch.Tensor | None = None, commit: bool = False) -> torch.Tensor | None:
+             rows: torch.Tensor | None = None, commit: bool = False, return_features: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """Run one frame against the cache.
 
         tokens: (b, n) long (mask_id where masked); action: (b,) long, the latent action leading to this
         frame (null_action for a prompt's first frame); rows: which cache rows these are (None = all).
-        With commit=False returns (b, n, vocab) logits; with commit=True writes the frame's keys and
-        values to the cache (the frame must be complete) and returns None.
+        With commit=False returns (b, n, vocab) logits, and with return_features also the normalised
+        hidden states (b, n, d) they are read from; with commit=True writes the frame's keys and values
+        to the cache (the frame must be complete) and returns None.
         """
         x, a = self._embed(tokens[:, None], action[:, None])
         b = x.shape[0]
@@ -314,28 +316,36 @@ class DynamicsModel(nn.Module):
             cache.age[idx] = age
             cache.ptr[idx] = (cache.ptr[idx] + 1) % cache.age.shape[1]
             return None
-        return self.head(self.norm(x[:, 0]))
+        h = self.norm(x[:, 0])
+        return (self.head(h), h) if return_features else self.head(h)
 
     # ------------------------------------------------------------------ MaskGIT
     def sample_frame(
         self, cache: KVCache, action: torch.Tensor, steps: int, temperature: float = 1.0, top_k: int = 0,
         schedule: str = "cosine", generator: torch.Generator | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        rows: torch.Tensor | None = None, return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """MaskGIT: start fully masked, sample every masked token, keep the most confident, re-mask the
         rest, for ``steps`` steps. Confidence gets Gumbel noise scaled by the temperature (annealed to
         zero), so tokens are revealed in a partly random order: greedy order tends to copy the previous
         frame. Every step reveals at least one token (the cosine schedule's first steps round to none
         at many steps, which would spend a dynamics pass on nothing); with more steps than tokens the
-        frame is finished early. Returns (b, n) long tokens; the cache is not changed."""
+        frame is finished early. Returns (b, n) long tokens; the cache is not changed. With return_features
+        also the hidden states (b, n, d) of the first pass (every token masked: they depend on the context
+        and the action only, not on the sampling), which the reward / episode-end heads read."""
         b = action.shape[0]
         n = self.num_tokens
         dev = action.device
         tokens = torch.full((b, n), self.mask_id, dtype=torch.long, device=dev)
         masked = torch.ones(b, n, dtype=torch.bool, device=dev)
         n_masked = n
+        features = None
         for s in range(steps):
-            logits = self.step(cache, torch.where(masked, self.mask_id, tokens), action, rows=rows).float()
+            logits = self.step(cache, torch.where(masked, self.mask_id, tokens), action, rows=rows,
+                               return_features=s == 0)
+            if s == 0:
+                logits, features = logits
+            logits = logits.float()
             sampled, logp = sample_logits(logits, temperature, top_k, generator)
             tokens = torch.where(masked, sampled, tokens)
             # every row holds the same number of masked tokens
@@ -351,7 +361,7 @@ class DynamicsModel(nn.Module):
             lowest = conf.topk(remain, dim=1, largest=False).indices
             masked = torch.zeros_like(masked).scatter_(1, lowest, True)
             n_masked = remain
-        return tokens
+        return (tokens, features) if return_features else tokens
 
 
 def mask_schedule(r: float, kind: str) -> float:

@@ -17,6 +17,7 @@ from genie_env.config import GenieConfig, preset_config
 from genie_env.hub import HubMixin
 from genie_env.models.dynamics import DynamicsModel
 from genie_env.models.latent_actions import LatentActionModel
+from genie_env.models.outcomes import OutcomeModel
 from genie_env.models.tokenizer import VideoTokenizer
 from genie_env.validation import check_actions, check_frames, check_tokens
 
@@ -42,6 +43,9 @@ class Genie(nn.Module, HubMixin):
         self.tokenizer = VideoTokenizer(self.config)
         self.latent_actions = LatentActionModel(self.config)
         self.dynamics = DynamicsModel(self.config)
+        self.outcomes: OutcomeModel | None = (
+            OutcomeModel(self.config) if self.config.outcome_input != "none" else None)
+        """Reward and episode-end heads (None: the checkpoint has none; the env then returns 0 / False)."""
         self.autocast_dtype: torch.dtype | None = None
         """Set to torch.bfloat16 for bf16 inference (faster on CPUs with AVX-512 bf16)."""
         self.extra_files: dict[str, Path] = {}
@@ -61,6 +65,8 @@ class Genie(nn.Module, HubMixin):
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         parts = {"tokenizer": count(self.tokenizer), "latent_actions": count(self.latent_actions),
                  "dynamics": count(self.dynamics)}
+        if self.outcomes is not None:
+            parts["outcomes"] = count(self.outcomes)
         parts["total"] = sum(parts.values())
         return parts
 
@@ -142,6 +148,28 @@ class Genie(nn.Module, HubMixin):
             out.append(session.step(actions[:, i])[:, :, None])
         return torch.cat(out, dim=2)
 
+    def outcome_features(self, frames: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """What the reward / episode-end heads read for the transition out of the last of ``frames``.
+
+        frames: (b, 3, K, H, W) the context, frame t last (K <= context_frames - 1); actions: (b, K) long,
+        actions[:, i] the latent action from frame i to i+1 (actions[:, -1] = a_t). Returns (b, n, d) hidden
+        states of the dynamics' first MaskGIT pass over frame t+1 ("hidden"), computed exactly as a
+        session at play time does, or (b, n) tokens of frame t ("tokens")."""
+        if self.outcomes is None:
+            raise ValueError("this model has no reward / episode-end heads (config.outcome_input is 'none')")
+        if self.config.outcome_input == "tokens":  # frame t alone: the tokenizer is per frame
+            return self.tokenizer.encode(frames[:, :, -1:]).flatten(2)[:, -1]
+        tokens = self.tokenizer.encode(frames).flatten(2)  # (b, K, n)
+        dyn = self.dynamics
+        b, k = tokens.shape[:2]
+        cache = dyn.new_cache(b, device=tokens.device, dtype=torch.float32)
+        null = torch.full((b, 1), dyn.null_action, dtype=torch.long, device=tokens.device)
+        acts_in = torch.cat([null, actions[:, :-1]], dim=1)
+        for t in range(k):
+            dyn.step(cache, tokens[:, t], acts_in[:, t], commit=True)
+        masked = torch.full_like(tokens[:, 0], dyn.mask_id)
+        return dyn.step(cache, masked, actions[:, -1], return_features=True)[1]
+
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides) -> Genie:
@@ -183,6 +211,9 @@ class GenieSession:
         self.cache = model.dynamics.new_cache(self.batch_size, device=model.device, window=context_frames,
                                               dtype=model.autocast_dtype or torch.float32)
         self.steps = torch.zeros(self.batch_size, dtype=torch.long)
+        self.last_outcomes: torch.Tensor | None = None
+        """(B, 2) probabilities of a reward event and of a termination in the last step (None without
+        heads or before the first step)."""
         self._prime(prompt, None)
 
     @torch.inference_mode()
@@ -199,8 +230,11 @@ class GenieSession:
             for t in range(t0):
                 dyn.step(self.cache, tokens[:, t], acts[:, t], rows=rows, commit=True)
         self.last_frame = prompt[:, :, -1].clone() if rows is None else self.last_frame
-        if rows is not None:
+        if rows is None:
+            self.last_tokens = tokens[:, -1].clone()
+        else:
             self.last_frame[rows] = prompt[:, :, -1]
+            self.last_tokens[rows] = tokens[:, -1]
 
     @torch.inference_mode()
     def step(self, action: torch.Tensor) -> torch.Tensor:
@@ -208,10 +242,13 @@ class GenieSession:
         m = self.model
         action = check_actions(action, m.config, "action", shape=(self.batch_size,), device=m.device)
         with m._autocast():
-            tokens = m.dynamics.sample_frame(
+            tokens, hidden = m.dynamics.sample_frame(
                 self.cache, action, self.maskgit_steps, self.temperature, self.top_k,
-                m.config.maskgit_schedule, self.generator,
+                m.config.maskgit_schedule, self.generator, return_features=True,
             )
+            if m.outcomes is not None:
+                features = hidden if m.config.outcome_input == "hidden" else self.last_tokens
+                self.last_outcomes = m.outcomes.probabilities(features, action)
             m.dynamics.step(self.cache, tokens, action, commit=True)
             grid = m.config.token_grid
             frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid))[:, :, 0].float()

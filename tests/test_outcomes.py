@@ -1,0 +1,280 @@
+"""Reward and episode-end heads: the loss learns, checkpoints with and without heads load, the env and
+the vector env return what the heads predict, the reward stage reads outcomes from the right transition,
+and metric 8's helpers count right."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model, write_tiny_checkpoint
+from gymnasium.utils.env_checker import check_env
+from test_training import run
+
+from genie_env import Genie, GenieEnv, GenieVectorEnv
+from training.data import FrameCache, OutcomeSampler
+from training.outcomes import FeaturePool, best_thresholds, dream_event_rates, precision_recall
+
+
+def force_heads(model: Genie, reward: float = 10.0, fire: bool = True) -> Genie:
+    """Make both heads fire (or never fire) whatever they see."""
+    assert model.outcomes is not None
+    last = model.outcomes.out[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(50.0 if fire else -50.0)
+        model.outcomes.event_reward.fill_(reward)
+    return model
+
+
+@pytest.mark.parametrize("inp", ["hidden", "tokens"])
+def test_outcome_loss_falls_on_tiny_batch(inp):
+    model = tiny_model(outcome_input=inp)
+    torch.manual_seed(0)
+    frames = torch.rand(8, 3, 3, 16, 16)
+    actions = torch.randint(0, 8, (8, 3))
+    targets = torch.tensor([[1.0, 1.0], [0, 1], [0, 0], [0, 0], [1, 1], [0, 0], [0, 1], [0, 0]])
+    weights = torch.ones(8)
+    with torch.no_grad():
+        feats = model.outcome_features(frames, actions)
+    opt = torch.optim.Adam(model.outcomes.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss, logs = model.outcomes.loss(feats, actions[:, -1], targets, weights, pos_weight=2.0)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    assert set(logs) >= {"reward_bce", "terminated_bce"}
+
+
+def test_features_are_what_a_session_computes():
+    model = tiny_model(outcome_input="hidden")
+    x = torch.rand(2, 3, 3, 16, 16)
+    acts = torch.tensor([[1, 2, 5], [0, 3, 4]])
+    with torch.no_grad():
+        expected = model.outcomes.probabilities(model.outcome_features(x, acts), acts[:, -1])
+    session = model.start(x)  # primes with the actions the latent action model infers
+    with torch.no_grad():
+        inferred = model.latent_actions.infer(x)
+        expected_inferred = model.outcomes.probabilities(
+            model.outcome_features(x, torch.cat([inferred, acts[:, -1:]], 1)), acts[:, -1])
+    session.step(acts[:, -1])
+    torch.testing.assert_close(session.last_outcomes, expected_inferred)
+    assert not torch.allclose(expected, expected_inferred) or torch.equal(inferred, acts[:, :2])
+
+
+def test_checkpoint_with_heads_round_trips_and_one_without_loads(tmp_path):
+    model = force_heads(tiny_model(outcome_input="hidden"), reward=7.5)
+    model.save_pretrained(tmp_path / "with")
+    back = Genie.from_pretrained(tmp_path / "with")
+    assert back.outcomes is not None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    assert float(back.outcomes.event_reward) == 7.5
+    tiny_model().save_pretrained(tmp_path / "without")
+    old = Genie.from_pretrained(tmp_path / "without")
+    assert old.outcomes is None
+    assert "outcome_input" in json.loads((tmp_path / "without" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "without" / "config.json").read_text())
+    for k in ("outcome_input", "outcome_dim", "outcome_end_fraction", "outcome_pos_weight"):
+        del cfg[k]  # a checkpoint written before the heads existed
+    (tmp_path / "without" / "config.json").write_text(json.dumps(cfg))
+    assert Genie.from_pretrained(tmp_path / "without").outcomes is None
+
+
+def test_env_returns_what_the_heads_predict_and_reward_fn_overrides(tmp_path):
+    firing = force_heads(tiny_model(outcome_input="hidden"))
+    ckpt = write_tiny_checkpoint(tmp_path / "c", outcome_input="hidden")
+    env = GenieEnv(ckpt)
+    env.model = firing  # same config and files
+    env.reset(seed=0)
+    _, reward, terminated, truncated, info = env.step(1)
+    assert (reward, terminated, truncated) == (10.0, True, False)
+    assert info["reward_probability"] > 0.99 and info["termination_probability"] > 0.99
+    env = GenieEnv(model=firing, reward_fn=lambda prev, a, obs: -1.0)
+    env.prompt_bank = GenieEnv(ckpt).prompt_bank
+    env.reset(seed=0)
+    _, reward, terminated, _, _ = env.step(1)
+    assert (reward, terminated) == (-1.0, True)
+    silent = GenieEnv(model=force_heads(tiny_model(outcome_input="hidden"), fire=False))
+    silent.prompt_bank = env.prompt_bank
+    silent.reset(seed=0)
+    _, reward, terminated, _, info = silent.step(1)
+    assert (reward, terminated) == (0.0, False) and info["termination_probability"] < 0.01
+    plain = GenieEnv(write_tiny_checkpoint(tmp_path / "plain"))
+    plain.reset(seed=0)
+    _, reward, terminated, _, info = plain.step(1)
+    assert (reward, terminated) == (0.0, False) and "termination_probability" not in info
+
+
+def test_env_with_heads_is_deterministic_and_check_env_clean(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "c", outcome_input="tokens")
+    runs = []
+    for _ in range(2):
+        env = GenieEnv(ckpt)
+        env.reset(seed=3)
+        runs.append([(r, t, i["reward_probability"], i["termination_probability"])
+                     for _, r, t, _, i in (env.step(a) for a in [1, 5, 2, 0])])
+    assert runs[0] == runs[1]
+    assert len({p for *_, p in runs[0]}) > 1  # the heads see the frames: probabilities move
+    env = gym.make("Genie-v0", checkpoint=str(ckpt))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+    assert [str(w.message) for w in caught if "gymnasium" in str(w.filename) or "env" in str(w.message)] == []
+
+
+def test_vector_env_terminates_and_autoresets_from_a_new_prompt(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "c", n_prompts=50, outcome_input="hidden")
+    envs = GenieVectorEnv(3, ckpt)
+    force_heads(envs.model)
+    obs0, _ = envs.reset(seed=0)
+    obs1, r, term, trunc, info = envs.step(np.array([1, 2, 3]))
+    assert term.all() and not trunc.any() and (r == 10.0).all()
+    assert (info["termination_probability"] > 0.99).all()
+    obs2, r, term, trunc, info = envs.step(np.array([1, 2, 3]))  # NEXT_STEP autoreset: new prompts
+    assert not term.any() and (r == 0).all() and (info["step"] == 0).all()
+    bank = envs.prompt_bank
+    for i in range(3):
+        assert any(np.array_equal(obs2[i], b) for b in bank)
+    assert any(not np.array_equal(obs2[i], obs0[i]) for i in range(3))  # drawn anew, not the first prompt
+    with torch.no_grad():
+        envs.model.outcomes.out[-1].bias.fill_(-50.0)
+    _, r, term, _, _ = envs.step(np.array([1, 2, 3]))
+    assert not term.any() and (r == 0).all()
+    envs.close()
+
+
+def test_vector_env_reward_fn_overrides_and_seed_determinism(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "c", outcome_input="tokens")
+    outs = []
+    for _ in range(2):
+        envs = GenieVectorEnv(4, ckpt, max_episode_steps=50)
+        envs.reset(seed=5)
+        outs.append([envs.step(np.array([0, 3, 5, 7]))[4]["termination_probability"] for _ in range(3)])
+    np.testing.assert_array_equal(np.stack(outs[0]), np.stack(outs[1]))
+    envs = GenieVectorEnv(2, model=force_heads(tiny_model(outcome_input="tokens")),
+                          reward_fn=lambda prev, a, obs: 2.0)
+    envs.reset(seed=0, options={"prompt": np.zeros((16, 16, 3), np.uint8)})
+    _, r, term, _, _ = envs.step(np.array([0, 1]))
+    assert (r == 2.0).all() and term.all()
+
+
+def _outcome_videos(folder, n=3, frames=10):
+    """Videos whose frame i has brightness 10 * i + video; episode ends with a coin (video 0), a death
+    (video 1) or none (cut, video 2)."""
+    from training.video import write_video
+
+    vdir = folder / "videos"
+    vdir.mkdir(parents=True)
+    ends = [{"action": 7, "reward": 10.0, "terminated": True, "truncated": False},
+            {"action": 1, "reward": 0.0, "terminated": True, "truncated": False}, None]
+    names = ["LEFT+DOWN", "LEFT", "LEFT+UP", "DOWN", "NONE", "UP", "RIGHT+DOWN", "RIGHT", "RIGHT+UP"]
+    for v in range(n):
+        video = np.stack([np.full((16, 16, 3), 10 * i + v, np.uint8) for i in range(frames)])
+        write_video(vdir / f"video_{v:03d}.mp4", video)
+        meta = {"actions": [4] * (frames - 1), "action_names": names, "rewards": [0.0] * (frames - 1),
+                "terminated": [False] * (frames - 1), "end": ends[v % 3]}
+        if v == 2:
+            meta["rewards"][4] = 1.0  # a reward inside a video, on the transition 4 -> 5
+        (vdir / f"video_{v:03d}.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_outcome_sampler_puts_each_event_on_its_transition(tmp_path):
+    cache = FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None)
+    s = OutcomeSampler(cache)
+    assert s.event_counts() == {"transitions": 3 * 9 + 2, "reward_events": 2, "terminations": 2}
+    assert s.mean_event_reward == pytest.approx(5.5)
+    # end transitions come last: video 0 (coin), then video 1 (death)
+    b = s.gather([27, 28], k=3)
+    shade = b["frames"][:, :, 0, 0, 0].astype(int)
+    np.testing.assert_array_equal(shade, [[70, 80, 90, 90], [71, 81, 91, 91]])  # t = 9, no t+1: repeated
+    np.testing.assert_array_equal(b["events"], [[1, 1], [0, 1]])
+    assert list(b["is_end"]) == [True, True] and b["group"] == ["RIGHT", "LEFT"]
+    b = s.gather([18 + 4, 1], k=3)  # video 2, transition 4 -> 5; video 0, transition 1 -> 2
+    shade = b["frames"][:, :, 0, 0, 0].astype(int)
+    np.testing.assert_array_equal(shade, [[22, 32, 42, 52], [0, 0, 10, 20]])  # frames before 0: frame 0
+    np.testing.assert_array_equal(b["events"], [[1, 0], [0, 0]])
+    draws = s.sample(400, k=2)
+    ends = draws["is_end"]
+    assert 0.15 < ends.mean() < 0.4  # end_fraction 0.25 plus the uniform share
+    # importance weights restore the natural share of end transitions (2 of 29)
+    assert (draws["weight"] * ends).sum() / draws["weight"].sum() == pytest.approx(2 / 29, abs=0.03)
+
+
+def test_feature_pool_holds_every_end_the_frames_before_and_weights_back(tmp_path):
+    cache = FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None)
+    s = OutcomeSampler(cache, end_fraction=0.5)
+    model = tiny_model(outcome_input="tokens")
+    pool = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=lambda *a: None)
+    # 2 ends; the 2 transitions before each end (videos 0 and 1: 7->8, 8->9); 5 of the other 23
+    assert len(pool.tokens) == 2 + 4 + 5 and pool.is_end.sum() == 2
+    np.testing.assert_array_equal(pool.events[:2].numpy(), [[1, 1], [0, 1]])
+    assert pool.actions[:2].tolist() == [2, 1]  # end transitions: the action map's latent for the group
+    # tokens of the end transitions are those of each video's last frame
+    last = torch.from_numpy(np.stack([cache.clip(v, 9, 1)[0] for v in (0, 1)])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        want = model.tokenizer.encode(last.float().div(255)[:, :, None]).flatten(2)[:, 0]
+    assert torch.equal(pool.tokens[:2], want)
+    assert pool.weight[6:].sum() == pytest.approx(27 - 4)  # the far stratum counts as all of its transitions
+    b = pool.sample(2000)
+    is_end = b["events"][:, 1] > 0
+    assert 0.4 < is_end.mean() < 0.6
+    # importance weights restore the natural share of end transitions (2 of 29)
+    assert (b["weight"] * is_end).sum() / b["weight"].sum() == pytest.approx(2 / 29, abs=0.01)
+
+
+def test_best_thresholds_pick_the_best_f1():
+    p = np.array([[0.9, 0.1], [0.6, 0.8], [0.3, 0.7], [0.2, 0.2], [0.05, 0.75]])
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [0, 1]], bool)
+    thr = best_thresholds(p, y, np.ones(5))
+    # head 0: threshold just under 0.9 gives P 1, R 0.5 (F1 .67); under 0.3: P .67 R 1 (F1 .8)
+    assert 0.2 < thr[0] < 0.3
+    assert 0.2 < thr[1] < 0.7  # every event above, no non-event: F1 1
+    assert ((p[:, 1] > thr[1]) == y[:, 1]).all()
+
+
+def test_precision_recall_on_known_inputs():
+    pred = np.array([1, 1, 0, 0, 1, 0], bool)
+    true = np.array([1, 0, 1, 0, 1, 0], bool)
+    r = precision_recall(pred, true)
+    assert r == {"precision": 2 / 3, "recall": 2 / 3, "true_events": 3.0, "predicted_events": 3.0}
+    r = precision_recall(pred, true, weight=np.array([1, 10, 1, 1, 1, 1.0]))
+    assert r["precision"] == pytest.approx(2 / 12) and r["recall"] == pytest.approx(2 / 3)
+    assert np.isnan(precision_recall(np.zeros(3, bool), np.zeros(3, bool))["precision"])
+
+
+def test_dream_event_rates_count_live_steps_only(tmp_path):
+    model = force_heads(Genie.from_pretrained(write_tiny_checkpoint(tmp_path / "c", outcome_input="tokens")))
+    res = dream_event_rates(model, steps=12, num_envs=4, seed=0, max_episode_steps=None,
+                            maskgit_steps=1)
+    # every live step ends its episode; the step after only restarts the row and is not counted
+    assert res["steps"] >= 12 and res["terminations"] == res["steps"] == res["reward_events"]
+    assert res["terminations_per_1000"] == 1000
+
+
+def test_reward_stage_trains_heads_on_a_release(tmp_path):
+    data = _outcome_videos(tmp_path / "d", n=6)
+    base = write_tiny_checkpoint(tmp_path / "base")
+    from test_training import tiny_train_config
+
+    cfg = tiny_train_config(tmp_path / "cfg.yaml")
+    out = tmp_path / "run"
+    r = run("-m", "training.train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--stage",
+            "reward", "--init-from", str(base), "--no-progress", "--threads", "1", check=False)
+    assert r.returncode == 2 and "outcome_input=hidden" in r.stderr
+    run("-m", "training.train", "--config", str(cfg), "--data", str(data), "--val-data", str(data),
+        "--out", str(out), "--stage", "reward", "--init-from", str(base), "--no-progress", "--threads", "1",
+        "--log-every", "1", "outcome_input=hidden", "stages.reward.max_steps=4", "stages.reward.batch_size=4")
+    model = Genie.from_pretrained(out / "reward" / "release")
+    assert model.outcomes is not None and float(model.outcomes.event_reward) == pytest.approx(7.0)  # (10 + 10 + 1) / 3
+    assert float(model.outcomes.logit_offset[0]) == pytest.approx(-np.log(20.0))
+    assert (out / "reward" / "release" / "prompts.npz").is_file()  # the env can play the release
+    assert "val_terminated_recall" in (out / "reward" / "val_metrics.csv").read_text()

@@ -1,0 +1,320 @@
+"""The reward and episode-end model off the play loop: the reward stage's batches and loss, and
+EVALUATION.md metric 8 (precision and recall on real transitions; event rates in dreams).
+
+A transition t -> t+1 is seen as the dynamics sees it when it generates frame t+1: the frames up to t
+and the latent action a_t. Inside a video a_t is inferred from the frames (as for every other metric).
+The transition out of a video's last frame, where every recorded event sits, has no frame t+1 to infer
+it from: it gets the latent action that the checkpoint's action map gives the recorded game action's
+group (the key a player of the env would press for it), and a uniformly random one where the map has
+no such group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genie_env import Genie
+from genie_env.models.outcomes import EVENTS
+from training.data import FrameCache, OutcomeSampler, to_tensor
+
+__all__ = ["batch_inputs", "compute_loss", "precision_recall", "real_transition_metrics",
+           "dream_event_rates", "real_event_rates"]
+
+
+def batch_inputs(genie: Genie, batch: dict, action_map: dict[str, int], generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An `OutcomeSampler` batch -> (features the heads read, latent actions a_t (b,))."""
+    dev = genie.device
+    frames = to_tensor(batch["frames"]).to(dev)  # (b, 3, k+1, H, W)
+    with torch.no_grad():
+        actions = genie.latent_actions.infer(frames)  # (b, k): a_i from frame i to i+1
+        n = genie.config.action_vocab_size
+        for i in np.flatnonzero(batch["is_end"]):
+            a = action_map.get(batch["group"][i])
+            if a is None:
+                a = int(torch.randint(0, n, (1,), generator=generator))
+            actions[i, -1] = a
+        features = genie.outcome_features(frames[:, :, :-1], actions)
+    return features, actions[:, -1]
+
+
+def compute_loss(genie: Genie, batch: dict, action_map: dict[str, int], pos_weight: float
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The reward stage's loss on one `OutcomeSampler.sample` batch (the heads alone are trained)."""
+    assert genie.outcomes is not None
+    if "tokens" in batch:  # a FeaturePool batch: the inputs are ready
+        features, action = batch["tokens"].to(genie.device), batch["actions"].to(genie.device)
+    else:
+        features, action = batch_inputs(genie, batch, action_map)
+    dev = genie.device
+    return genie.outcomes.loss(features, action, torch.from_numpy(batch["events"]).to(dev),
+                               torch.from_numpy(batch["weight"]).to(dev), pos_weight)
+
+
+class FeaturePool:
+    """The reward stage's data with the frozen model's work done once: what the heads read (tokens of frame t
+    and the inferred latent action a_t) for a fixed pool of transitions: every end transition (where every
+    recorded event sits), the ``near`` transitions before each end (frames that look almost the same: the
+    hard negatives) and ``inside`` other transitions drawn uniformly. ``weight`` makes each stratum count as
+    many transitions as it stands for, so that the pool's weighted distribution is the recording's.
+
+    A batch is ``end_fraction`` end transitions, the rest drawn from the other strata; its weights turn it
+    back into the recording's distribution (importance weights), as `OutcomeSampler`'s do. Only the
+    ``tokens`` input can be pooled: hidden states change with the context length drawn per batch.
+    """
+
+    def __init__(self, genie: Genie, sampler: OutcomeSampler, action_map: dict[str, int], inside: int = 16384,
+                 near: int = 8, batch_size: int = 128, seed: int = 0, log=print) -> None:
+        if genie.config.outcome_input != "tokens":
+            raise ValueError("FeaturePool holds tokens: it needs outcome_input 'tokens'")
+        rng = np.random.default_rng([seed, 11])
+        self.sampler, self.end_fraction = sampler, sampler.end_fraction
+        n_inside = int(sampler.cum[-1])
+        ends = np.arange(n_inside, sampler.num_transitions)
+        near_set: set[int] = set()
+        for v in sampler.end_video:  # the last `near` transitions inside each video that ends an episode
+            last = int(sampler.cum[v])  # one past this video's last inside transition
+            near_set.update(range(max(int(sampler.cum[v - 1]) if v else 0, last - near), last))
+        near_idx = np.array(sorted(near_set), dtype=np.int64)
+        far_mask = np.ones(n_inside, dtype=bool)
+        far_mask[near_idx] = False
+        far_all = np.flatnonzero(far_mask)
+        far_idx = np.sort(rng.choice(far_all, min(inside, len(far_all)), replace=False))
+        picks = np.concatenate([ends, near_idx, far_idx])
+        self.weight = np.concatenate([np.ones(len(ends)), np.ones(len(near_idx)),
+                                      np.full(len(far_idx), len(far_all) / max(1, len(far_idx)))]).astype(np.float32)
+        self.is_end = np.zeros(len(picks), dtype=bool)
+        self.is_end[: len(ends)] = True
+        k = genie.config.lam_context_frames
+        gen = torch.Generator().manual_seed(seed)
+        toks, acts, events = [], [], []
+        t0 = time.time()
+        genie.eval()
+        with torch.no_grad(), genie._autocast():
+            for i in range(0, len(picks), batch_size):
+                batch = sampler.gather(picks[i: i + batch_size].tolist(), k)
+                f, a = batch_inputs(genie, batch, action_map, gen)
+                toks.append(f.cpu())
+                acts.append(a.cpu())
+                events.append(torch.from_numpy(batch["events"]))
+        self.tokens, self.actions, self.events = torch.cat(toks), torch.cat(acts), torch.cat(events)
+        self.rng = np.random.default_rng([seed, 13])
+        log(f"stage reward: inputs of {len(picks)} transitions computed once ({len(ends)} ends, {len(near_idx)} "
+            f"just before them, {len(far_idx)} others) in {time.time() - t0:.0f} s")
+
+    def sample(self, batch: int, k: int = 0) -> dict:  # noqa: ARG002 - k: the context, fixed by the pool
+        """A batch: inputs, events and importance weights (natural share / sampled share of each draw)."""
+        n_end = int(self.is_end.sum())
+        rest = np.flatnonzero(~self.is_end)
+        from_end = self.rng.random(batch) < self.end_fraction
+        idx = np.where(from_end, self.rng.integers(0, n_end, batch), rest[self.rng.integers(0, len(rest), batch)])
+        w_rest = self.weight[rest]
+        total = n_end + w_rest.sum()
+        # natural probability weight_i / total against sampled probability: f / n_end or (1 - f) / len(rest)
+        sampled = np.where(from_end, self.end_fraction / n_end, (1 - self.end_fraction) / len(rest))
+        weight = (self.weight[idx] / total) / sampled
+        return {"tokens": self.tokens[idx], "actions": self.actions[idx], "events": self.events[idx].numpy(),
+                "weight": weight.astype(np.float32)}
+
+    def event_counts(self) -> dict[str, int]:
+        return self.sampler.event_counts()
+
+    @property
+    def mean_event_reward(self) -> float:
+        return self.sampler.mean_event_reward
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+def precision_recall(pred: np.ndarray, true: np.ndarray, weight: np.ndarray | None = None) -> dict[str, float]:
+    """Precision and recall of predicted events against true ones (bool arrays), with the (weighted)
+    number of true and predicted events. Precision is NaN when nothing was predicted, recall when
+    nothing happened."""
+    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
+    w = np.ones(len(pred)) if weight is None else np.asarray(weight, float)
+    tp, fp, fn = w[pred & true].sum(), w[pred & ~true].sum(), w[~pred & true].sum()
+    return {"precision": float(tp / (tp + fp)) if tp + fp > 0 else math.nan,
+            "recall": float(tp / (tp + fn)) if tp + fn > 0 else math.nan,
+            "true_events": float(tp + fn), "predicted_events": float(tp + fp)}
+
+
+@torch.no_grad()
+def real_transition_metrics(genie: Genie, data_dir: str | Path, action_map: dict[str, int],
+                            context: int | None = None, batch_size: int = 64, max_inside: int | None = None,
+                            seed: int = 0, log=print) -> dict:
+    """Metric 8 on real transitions: every transition of the dataset (or every end transition plus
+    ``max_inside`` random others, counted with weights that stand for all of them), ``context`` past frames
+    (default: the most the dynamics attends to, ``context_frames - 1``)."""
+    if genie.outcomes is None:
+        raise ValueError("the model has no reward / episode-end heads: train them with --stage reward")
+    genie.eval()
+    cache = FrameCache(data_dir, genie.config.image_size, log=log)
+    sampler = OutcomeSampler(cache)
+    k = context or genie.config.context_frames - 1
+    n_inside = int(sampler.cum[-1])
+    ends = list(range(n_inside, sampler.num_transitions))
+    if max_inside is None or max_inside >= n_inside:
+        inside, w_inside = list(range(n_inside)), 1.0
+    else:
+        inside = sorted(np.random.default_rng(seed).choice(n_inside, max_inside, replace=False).tolist())
+        w_inside = n_inside / max_inside
+    picks = inside + ends
+    weight = np.array([w_inside] * len(inside) + [1.0] * len(ends))
+    gen = torch.Generator().manual_seed(seed)
+    probs, events = [], []
+    t0 = time.time()
+    for i in range(0, len(picks), batch_size):
+        batch = sampler.gather(picks[i : i + batch_size], k)
+        with genie._autocast():
+            features, action = batch_inputs(genie, batch, action_map, gen)
+            probs.append(genie.outcomes.probabilities(features, action).float().cpu().numpy())
+        events.append(batch["events"])
+    p, y = np.concatenate(probs), np.concatenate(events) > 0
+    thr = genie.outcomes.threshold.cpu().numpy()
+    out: dict = {"transitions": sampler.num_transitions, "evaluated": len(picks), "context_frames": k,
+                 "seconds": round(time.time() - t0, 1)}
+    for j, name in enumerate(EVENTS):
+        out[name] = precision_recall(p[:, j] > thr[j], y[:, j], weight)
+    out["probabilities"], out["events"], out["weights"] = p, y, weight
+    return out
+
+
+def best_thresholds(probs: np.ndarray, events: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per head, the probability threshold with the best F1 (weighted counts) on these transitions."""
+    out = np.full(probs.shape[1], 0.5)
+    for j in range(probs.shape[1]):
+        best = -1.0
+        for thr in np.unique(probs[:, j][events[:, j]]):  # candidate: just below a true event's probability
+            pr = precision_recall(probs[:, j] >= thr, events[:, j], weights)
+            p, r = pr["precision"], pr["recall"]
+            f1 = 0.0 if not (p + r > 0) else 2 * p * r / (p + r)
+            if f1 > best:
+                best, out[j] = f1, float(np.nextafter(thr, -1.0))
+    return out
+
+
+def calibrate(model: Genie, data_dir: str | Path, action_map: dict[str, int], max_inside: int | None = None,
+              seed: int = 0, log=print) -> dict:
+    """Set the heads' thresholds to the best F1 on ``data_dir``'s real transitions (a set that metric 8 is then
+    not reported on) and return them with that set's figures."""
+    m = real_transition_metrics(model, data_dir, action_map, max_inside=max_inside, seed=seed, log=log)
+    thr = best_thresholds(m["probabilities"], m["events"], m["weights"])
+    assert model.outcomes is not None
+    model.outcomes.threshold.copy_(torch.from_numpy(thr).float())
+    res = {"calibration_data": str(data_dir), "threshold": thr.tolist()}
+    for j, name in enumerate(EVENTS):
+        res[name] = precision_recall(m["probabilities"][:, j] > thr[j], m["events"][:, j], m["weights"])
+    return res
+
+
+def real_event_rates(data_dir: str | Path) -> dict[str, float]:
+    """Events per 1,000 steps of the real game under the recording's policy, from its dataset.json."""
+    summary = json.loads((Path(data_dir) / "dataset.json").read_text())
+    o = summary.get("outcomes")
+    if not o:
+        raise ValueError(f"{data_dir}/dataset.json has no outcomes: record the data with training.record")
+    return {"reward_events_per_1000": 1000 * o["reward_events"] / o["transitions"],
+            "terminations_per_1000": 1000 * o["terminations"] / o["transitions"],
+            "transitions": o["transitions"], "hold": summary.get("hold", 1)}
+
+
+def dream_event_rates(model: Genie, steps: int = 10_000, num_envs: int = 32, seed: int = 0,
+                      max_episode_steps: int | None = 1000, log=print, **env_kwargs) -> dict[str, float]:
+    """Events per 1,000 steps in the model's dreams: the vector env under a uniformly random policy over
+    its latent actions for ``steps`` env steps in all (rows that end restart from a new prompt)."""
+    from genie_env.vector_env import GenieVectorEnv
+
+    envs = GenieVectorEnv(num_envs, model=model, max_episode_steps=max_episode_steps, **env_kwargs)
+    rng = np.random.default_rng(seed)
+    envs.reset(seed=seed)
+    rewards = terms = counted = 0
+    prev_done = np.zeros(num_envs, dtype=bool)
+    t0 = time.time()
+    while counted < steps:
+        _, r, term, trunc, _ = envs.step(rng.integers(0, envs.single_action_space.n, num_envs))
+        live = ~prev_done  # a row's step after its end only restarts it (autoreset): not a game step
+        counted += int(live.sum())
+        rewards += int((r[live] > 0).sum())
+        terms += int(term[live].sum())
+        prev_done = term | trunc
+    envs.close()
+    return {"steps": counted, "reward_events": rewards, "terminations": terms,
+            "reward_events_per_1000": 1000 * rewards / counted, "terminations_per_1000": 1000 * terms / counted,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def metric8(model: Genie, data: list[Path], action_map: dict[str, int], max_inside: int | None = None,
+            dream_steps: int = 0, num_envs: int = 32, seed: int = 0, log=print) -> dict:
+    """EVALUATION.md metric 8: precision / recall on each dataset's real transitions, the real game's event
+    rates, and (``dream_steps`` > 0) event rates in dreams under a uniformly random policy."""
+    res: dict = {}
+    for d in data:
+        m = real_transition_metrics(model, d, action_map, max_inside=max_inside, seed=seed, log=log)
+        for key in ("probabilities", "events", "weights"):
+            m.pop(key)
+        res[str(d)] = {**m, "real_rates": real_event_rates(d)}
+    if dream_steps:
+        res["dreams"] = dream_event_rates(model, dream_steps, num_envs=num_envs, seed=seed)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from genie_env.env import load_action_map
+    from genie_env.hub import EXTRA_FILES
+
+    p = argparse.ArgumentParser(prog="python -m training.outcomes",
+                                description="EVALUATION.md metric 8: reward and episode end")
+    p.add_argument("--checkpoint", default=None, help="release folder (default: the shipped model)")
+    p.add_argument("--data", type=Path, action="append", required=True, help="validation dataset (repeatable)")
+    p.add_argument("--max-inside", type=int, default=None,
+                   help="evaluate every end transition and this many others, weighted (default: all)")
+    p.add_argument("--dream-steps", type=int, default=0, help="env steps in dreams (>= 10000 for metric 8)")
+    p.add_argument("--num-envs", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--calibrate-on", type=Path, default=None,
+                   help="first set the heads' thresholds to the best F1 on this dataset and save them into "
+                        "--checkpoint (report --data on other levels)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = Genie.from_pretrained(a.checkpoint)
+    model.autocast_dtype = torch.bfloat16
+    if model.outcomes is None:
+        print("error: --checkpoint has no reward / episode-end heads (train them with --stage reward)",
+              file=sys.stderr)
+        return 2
+    action_map = load_action_map(model)
+    cal = None
+    if a.calibrate_on is not None:
+        if a.checkpoint is None:
+            print("error: --calibrate-on writes into --checkpoint: name the release folder", file=sys.stderr)
+            return 2
+        cal = calibrate(model, a.calibrate_on, action_map, a.max_inside, a.seed)
+        model.save_pretrained(a.checkpoint, extra_files={n: Path(a.checkpoint) / n for n in EXTRA_FILES
+                                                         if (Path(a.checkpoint) / n).is_file()})
+        print(f"thresholds {cal['threshold']} (best F1 on {a.calibrate_on}) saved into {a.checkpoint}")
+    res = metric8(model, a.data, action_map, a.max_inside, a.dream_steps, a.num_envs, a.seed)
+    if cal is not None:
+        res["calibration"] = cal
+    print(json.dumps(res, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
