@@ -120,3 +120,30 @@ def test_evaluate_agent_command_on_the_real_game(tmp_path):
         assert all(0 < x["length"] <= 1000 for x in res[name]["per_level"])
         assert f"{name:>6}: mean return" in r.stdout
     assert set(res["latent_to_real"]) == {"0", "1", "3"}
+
+
+def test_training_in_a_dream_without_reward_heads_is_refused(tiny_checkpoint, tmp_path):
+    args = AgentArgs(out=tmp_path / "agent", checkpoint=str(tiny_checkpoint), steps=64, num_envs=2, rollout=4)
+    with pytest.raises(ValueError, match="predicts no reward or episode end"):
+        AgentTrainer(args, log=lambda *a: None).run()
+
+
+def test_dream_episodes_end_where_the_heads_say(tmp_path):
+    from conftest import write_tiny_checkpoint
+    from test_outcomes import force_heads
+
+    from genie_env import Genie
+
+    folder = write_tiny_checkpoint(tmp_path / "c", outcome_input="tokens")
+    model = force_heads(Genie.from_pretrained(folder), reward=10.0)
+    model.save_pretrained(folder, extra_files={n: folder / n for n in ("prompts.npz", "action_map.json")})
+    args = AgentArgs(out=tmp_path / "agent", checkpoint=str(folder), steps=2 * 8 * 2, num_envs=2, rollout=8,
+                     episode_steps=50, threads=1)
+    AgentTrainer(args, log=lambda *a: None).run()
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "agent" / "metrics.csv")))
+    # every game step is a coin that ends the episode; every other step only restarts it (not counted)
+    assert [float(r["terminations_per_1000"]) for r in rows] == [1000.0, 1000.0]
+    assert [float(r["rewards_per_1000"]) for r in rows] == [1000.0, 1000.0]
+    assert all(float(r["mean_return"]) == 10.0 and float(r["mean_length"]) == 1.0 for r in rows)

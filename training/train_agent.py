@@ -150,7 +150,7 @@ class AgentTrainer:
         envs = GenieVectorEnv(a.num_envs, a.checkpoint, max_episode_steps=a.episode_steps,
                               dtype=a.dtype or None, maskgit_steps=a.maskgit_steps or None,
                               reward_fn=self.reward_fn)
-        if self.reward_fn is None and not getattr(envs.model, "has_outcomes", False):
+        if self.reward_fn is None and envs.model.outcomes is None:
             raise ValueError(f"the world model {a.checkpoint or '(shipped)'} predicts no reward or episode end: "
                              "train its reward stage first (`python -m training.train --stage reward`), "
                              "or pick a checkpoint that has one")
