@@ -85,7 +85,8 @@ def autocast_dtype(dtype: str) -> torch.dtype | None:
 def describe(device: str | torch.device, dtype: str) -> str:
     """One line for users: where the model runs and in what format, e.g. "cpu (2 threads), fp32"."""
     device = torch.device(device)
-    where = f"cpu ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+    n = torch.get_num_threads()
+    where = f"cpu ({n} thread{'s' if n != 1 else ''})" if device.type == "cpu" else str(device)
     why = ""
     if dtype == "fp32" and device.type == "cpu" and not native_bf16(device):
         why = " (no native bf16 on this CPU)"
