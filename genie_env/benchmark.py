@@ -196,8 +196,8 @@ def print_table(res: dict) -> None:
         ("machine / threads / dtype", f"{res['machine']} / {res['threads']} / {res['dtype']}"),
         ("cpu, native bf16", f"{res['cpu']}, {'yes' if res['native_bf16'] else 'no'}"),
         ("MaskGIT steps, temperature", f"{res['maskgit_steps']}, {res['temperature']}"),
-        ("matmul peak fp32 / bf16", f"{res['matmul_peak_gflops']['fp32']:.0f} / "
-                                    f"{res['matmul_peak_gflops']['bf16']:.0f} GFLOP/s"),
+        ("matmul peak fp32 / bf16", f"{res['matmul_peak_gflops']['fp32']:.3g} / "
+                                    f"{res['matmul_peak_gflops']['bf16']:.3g} GFLOP/s"),
         ("step at batch 1", f"{res['step_ms_batch1']:.1f} ms ({res['env_steps_per_s_batch1']:.1f} steps/s)"),
         ("  one dynamics pass", f"{res['dynamics_pass_ms']:.2f} ms"),
         ("  decode new frame", f"{res['decode_ms']:.2f} ms"),

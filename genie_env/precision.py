@@ -88,6 +88,6 @@ def describe(device: str | torch.device, dtype: str) -> str:
     n = torch.get_num_threads()
     where = f"cpu ({n} thread{'s' if n != 1 else ''})" if device.type == "cpu" else str(device)
     why = ""
-    if dtype == "fp32" and device.type == "cpu" and not native_bf16(device):
-        why = " (no native bf16 on this CPU)"
+    if device.type == "cpu" and not native_bf16(device):
+        why = " (no native bf16 on this CPU)" if dtype == "fp32" else " (emulated: this CPU has no native bf16)"
     return f"{where}, {dtype}{why}"
