@@ -19,9 +19,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="environment steps to run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--maskgit-steps", type=int, default=None, help="fewer is faster (default: the model's)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="number format (default: bf16 where the hardware runs it natively, else fp32)")
     args = parser.parse_args()
 
-    env = gym.make("Genie-v0", checkpoint=args.checkpoint, maskgit_steps=args.maskgit_steps)
+    env = gym.make("Genie-v0", checkpoint=args.checkpoint, maskgit_steps=args.maskgit_steps, dtype=args.dtype)
     env.action_space.seed(args.seed)
 
     observation, info = env.reset(seed=args.seed)

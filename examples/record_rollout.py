@@ -40,13 +40,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="frames to generate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--maskgit-steps", type=int, default=None, help="fewer is faster (default: the model's)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="number format (default: bf16 where the hardware runs it natively, else fp32)")
     parser.add_argument("--out", default="rollout.mp4", help="output video, .mp4 or .gif")
     parser.add_argument("--fps", type=int, default=15)
     parser.add_argument("--scale", type=int, default=4, help="video pixels per frame pixel")
     parser.add_argument("--strip", default=None, help="PNG strip of 8 frames (default: the video path with .png)")
     args = parser.parse_args()
 
-    env = GenieEnv(args.checkpoint, maskgit_steps=args.maskgit_steps)
+    env = GenieEnv(args.checkpoint, maskgit_steps=args.maskgit_steps, dtype=args.dtype)
     actions = parse_actions(args.actions, env.action_map, int(env.action_space.n))
     observation, _ = env.reset(seed=args.seed)
     frames = [observation]

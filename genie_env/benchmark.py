@@ -7,7 +7,8 @@ Measures, with the prompt already encoded: per-step latency at batch 1 (MaskGIT 
 new frame) and its split between the dynamics (per MaskGIT step) and the decoder; steps per second of
 the vector environment at 1 / 8 / 32 / 128 envs; the cost of a step at step 10 vs step 1000 of one
 episode; resident memory over a long episode; and the achieved GFLOP/s against this machine's matmul
-peak measured in the same run. Prints a table and writes JSON.
+peak measured in the same run. Every figure is measured in the one number format it prints (--dtype;
+default: bf16 where the hardware runs it natively, else fp32). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from genie_env import Genie
+from genie_env.precision import DTYPES, autocast_dtype, native_bf16, resolve_dtype
 
 
 def rss_mb() -> float:
@@ -79,10 +81,14 @@ def step_flops(model: Genie, steps: int) -> float:
 @torch.inference_mode()
 def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[int], episode_steps: int,
         reps: int = 20, log=print) -> dict:
+    """Measure ``model`` in its ``autocast_dtype`` (every part: the vector envs are told the same)."""
     cfg = model.config
     size = cfg.image_size
+    dtype = next(name for name, dt in DTYPES.items() if dt == model.autocast_dtype)
     res: dict = {
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "native_bf16": native_bf16(model.device),
         "threads": torch.get_num_threads(),
         "dtype": str(model.autocast_dtype or torch.float32).replace("torch.", ""),
         "maskgit_steps": steps,
@@ -121,10 +127,11 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
 
     log("measuring the vector environment ...")
     res["vector_env_steps_per_s"] = {}
+    res["vector_env_achieved_gflops"] = {}
     from genie_env.vector_env import GenieVectorEnv
 
     for n in batch_sizes:
-        env = GenieVectorEnv(num_envs=n, model=model, maskgit_steps=steps, temperature=temperature)
+        env = GenieVectorEnv(num_envs=n, model=model, dtype=dtype, maskgit_steps=steps, temperature=temperature)
         # A training release has no prompt bank: start from random frames (the cost does not depend on them).
         start = None if env.prompt_bank is not None else {
             "prompt": np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)}
@@ -134,6 +141,7 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
         k = max(2, min(reps, 200 // n))
         t = _timeit(lambda env=env, acts=acts: env.step(acts), k)
         res["vector_env_steps_per_s"][str(n)] = n / t
+        res["vector_env_achieved_gflops"][str(n)] = n * flops / 1e9 / t
         env.close()
         log(f"  {n} envs: {n / t:.1f} steps/s")
 
@@ -166,22 +174,39 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
     res["rss_mb_curve"] = mem
     res["rss_mb_start"], res["rss_mb_end"] = mem[0][1], mem[-1][1]
     res["peak_rss_mb"] = max(m for _, m in mem)
+    assert model.autocast_dtype == DTYPES[dtype], "the number format changed during the benchmark"
     return res
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def print_table(res: dict) -> None:
+    peak = res["matmul_peak_gflops"]["bf16" if res["dtype"] == "bfloat16" else "fp32"]
     rows = [
         ("machine / threads / dtype", f"{res['machine']} / {res['threads']} / {res['dtype']}"),
+        ("cpu, native bf16", f"{res['cpu']}, {'yes' if res['native_bf16'] else 'no'}"),
         ("MaskGIT steps, temperature", f"{res['maskgit_steps']}, {res['temperature']}"),
-        ("matmul peak fp32 / bf16", f"{res['matmul_peak_gflops']['fp32']:.0f} / "
-                                    f"{res['matmul_peak_gflops']['bf16']:.0f} GFLOP/s"),
+        ("matmul peak fp32 / bf16", f"{res['matmul_peak_gflops']['fp32']:.3g} / "
+                                    f"{res['matmul_peak_gflops']['bf16']:.3g} GFLOP/s"),
         ("step at batch 1", f"{res['step_ms_batch1']:.1f} ms ({res['env_steps_per_s_batch1']:.1f} steps/s)"),
         ("  one dynamics pass", f"{res['dynamics_pass_ms']:.2f} ms"),
         ("  decode new frame", f"{res['decode_ms']:.2f} ms"),
         ("GFLOP per step / achieved", f"{res['gflop_per_step']:.2f} / {res['achieved_gflops_batch1']:.0f} GFLOP/s"),
     ]
     for n, v in res["vector_env_steps_per_s"].items():
-        rows.append((f"vector env, {n} envs", f"{v:.1f} steps/s"))
+        g = res["vector_env_achieved_gflops"][n]
+        rows.append((f"vector env, {n} envs", f"{v:.1f} steps/s ({g:.0f} GFLOP/s, {100 * g / peak:.0f}% of "
+                                              f"{res['dtype']} peak)"))
     rows.append((f"step at 10 / at {res['episode_steps']}",
                  f"{res['step_ms_at_10']:.1f} / {res['step_ms_at_end']:.1f} ms (x"
                  f"{res['step_ms_ratio_end_vs_10']:.2f}, interleaved)"))
@@ -197,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="folder or hub repo id (default: the shipped model)")
     p.add_argument("--maskgit-steps", type=int, default=None, help="default: the model's setting")
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="number format of every figure (default: bf16 where the hardware runs it natively, else fp32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     p.add_argument("--batch-sizes", default="1,8,32,128")
     p.add_argument("--episode-steps", type=int, default=10000)
@@ -207,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = Genie.from_pretrained(a.checkpoint)
-    model.autocast_dtype = torch.bfloat16 if a.dtype == "bf16" else None
+    model.autocast_dtype = autocast_dtype(resolve_dtype(a.dtype, model.device))
     steps = a.maskgit_steps or model.config.maskgit_steps
     res = run(model, steps, a.temperature, [int(x) for x in a.batch_sizes.split(",")], a.episode_steps, a.reps,
               log=lambda m: print(m, file=sys.stderr))

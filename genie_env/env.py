@@ -22,24 +22,22 @@ from gymnasium import spaces
 
 from genie_env.hub import CheckpointError
 from genie_env.models.genie import Genie, GenieSession
+from genie_env.precision import autocast_dtype, resolve_dtype
 
 __all__ = ["GenieEnv", "RewardFn"]
 
 RewardFn = Callable[[np.ndarray, int, np.ndarray], float]
 """reward_fn(prev_obs, action, obs) -> float, called once per step."""
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
-
 
 # ---------------------------------------------------------------------------------------- shared helpers
 def load_model(checkpoint: str | Path | None, model: Genie | None, device: str | torch.device | None,
                dtype: str | None) -> Genie:
     """The model an environment plays: ``model`` as given, else loaded from ``checkpoint`` (None = the
-    shipped default). Sets ``model.autocast_dtype`` from ``dtype`` ("bf16", "fp32"; None = bf16 where the
-    device supports it, since sampling is a long chain of small matmuls where bf16 is about 2.5x fp32
-    on a CPU with AVX-512 bf16)."""
-    if dtype is not None and dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+    shipped default). Sets ``model.autocast_dtype`` from ``dtype`` ("bf16", "fp32"; None = the rule of
+    `genie_env.precision`: bf16 where the device runs it natively, else fp32)."""
+    if dtype is not None:
+        resolve_dtype(dtype)  # a bad name fails before a model is loaded
     if model is not None:
         if checkpoint is not None:
             raise ValueError("pass either checkpoint or model, not both")
@@ -55,10 +53,7 @@ def load_model(checkpoint: str | Path | None, model: Genie | None, device: str |
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model = Genie.from_pretrained(checkpoint, device=device)
     model.eval()
-    if dtype is None:
-        bf16_ok = model.device.type == "cpu" or (model.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        dtype = "bf16" if bf16_ok else "fp32"
-    model.autocast_dtype = _DTYPES[dtype]
+    model.autocast_dtype = autocast_dtype(resolve_dtype(dtype, model.device))
     return model
 
 
@@ -254,7 +249,8 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
     * `checkpoint`: a local checkpoint folder or a hub repo id; None = the shipped default model.
     * `model`: an already loaded `Genie` to play instead of loading one (shared, not copied).
     * `device`: where the model runs; None = CUDA when available, else the CPU.
-    * `dtype`: "bf16" or "fp32" inference; None = bf16 where supported.
+    * `dtype`: "bf16" or "fp32" inference; None = bf16 where the hardware runs it natively (a CPU with
+      AVX512_BF16 or AMX, a CUDA GPU with bf16), else fp32 (`genie_env.precision`).
     * `maskgit_steps`, `temperature`, `top_k`: MaskGIT sampling; None = the model's config. Fewer steps
       are faster and blurrier, temperature 0 is greedy.
     * `context_frames`: how many frames the model conditions on (including the one it generates), at most

@@ -20,7 +20,9 @@ import argparse
 import dataclasses
 import os
 import secrets
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,27 @@ class AutoPilot:
         return self._action
 
 
+# ---------------------------------------------------------------------------------------- speed notice
+SLOW_AFTER_STEPS = 6
+"""Model steps timed (after the first, which warms up) before judging whether it keeps up."""
+
+
+def slow_message(model_fps: float, display_fps: int, dtype: str, native_bf16: bool, maskgit_steps: int
+                 ) -> str | None:
+    """What to tell a player once when the model steps slower than the display rate (None when it keeps
+    up within 10%): how fast it runs and the one setting to try first."""
+    if model_fps >= 0.9 * display_fps:
+        return None
+    if dtype == "bf16" and not native_bf16:
+        tip = "--dtype fp32 (this device has no native bf16, so bf16 is emulated and slow)"
+    elif maskgit_steps > 1:
+        tip = "--maskgit-steps 1 (about 1.4x faster; frames drift from the game sooner)"
+    else:
+        tip = f"--fps {max(1, int(model_fps))} (the rate this machine sustains)"
+    return (f"genie-play: the model runs at {model_fps:.1f} frames/s on this machine, slower than the "
+            f"{display_fps} frames/s display rate; to speed it up try {tip}")
+
+
 # ---------------------------------------------------------------------------------------- the loop
 class Viewer:
     """A `GenieEnv` in a pygame window: `tick()` handles events, steps once (unless paused) and draws.
@@ -138,6 +161,12 @@ class Viewer:
         except Exception:  # a pygame built without fonts: the caption still shows the status line
             self.font = None
         self.clock = pygame.time.Clock()
+        self.where = runs_on(env)
+        """Device and number format, e.g. "cpu (2 threads), fp32"; shown in the window title."""
+        self.step_seconds: list[float] = []
+        """Wall time of each env.step (the model's own rate, whatever the display waits)."""
+        self.slow_notice: str | None = None
+        """The one-time message when the model cannot keep up with the display rate."""
         self.actions: list[int] = []
         """Every latent action played, in order."""
         self.label = NONE
@@ -180,7 +209,10 @@ class Viewer:
             self._record(self.obs)
         elif not self.keys.paused or self.autopilot is not None:  # pausing a headless run would never end
             action, self.label = self.choose_action()
+            t0 = time.perf_counter()
             self.obs, *_ = self.env.step(action)
+            self.step_seconds.append(time.perf_counter() - t0)
+            self._check_speed()
             self.actions.append(action)
             self._record(self.obs)
         self.draw()
@@ -191,6 +223,26 @@ class Viewer:
         paused = "  PAUSED" if self.keys.paused and self.autopilot is None else ""
         return f"{self.label}  {self.clock.get_fps():4.1f} fps  step {self.steps}{paused}"
 
+    def model_fps(self) -> float | None:
+        """Frames per second the model sustains (median of the steps after the first), None before any."""
+        timed = self.step_seconds[1:]
+        return 1 / statistics.median(timed) if timed else None
+
+    def _check_speed(self) -> None:
+        if self.slow_notice is not None or len(self.step_seconds) != SLOW_AFTER_STEPS + 1:
+            return
+        model = getattr(getattr(self.env, "unwrapped", self.env), "model", None)
+        if model is None:
+            return
+        from genie_env.precision import DTYPES, native_bf16
+
+        dtype = next(name for name, dt in DTYPES.items() if dt == model.autocast_dtype)
+        msg = slow_message(self.model_fps(), self.fps, dtype, native_bf16(model.device),
+                           int(getattr(self.env.unwrapped, "maskgit_steps", 1)))
+        if msg is not None:
+            self.slow_notice = msg
+            print(msg, file=sys.stderr)
+
     def draw(self) -> None:
         pg = self.pygame
         frame = pg.surfarray.make_surface(np.ascontiguousarray(self.obs.transpose(1, 0, 2)))
@@ -199,7 +251,7 @@ class Viewer:
         text = self.status()
         if self.font is not None:
             self.screen.blit(self.font.render(text, True, (230, 230, 230)), (4, self.size[1] + 4))
-        pg.display.set_caption(f"genie-play  {text}")
+        pg.display.set_caption(f"genie-play  {text}  |  {self.where}")
         pg.display.flip()
 
     def screenshot(self) -> np.ndarray:
@@ -212,6 +264,17 @@ class Viewer:
     def _record(self, obs: np.ndarray) -> None:
         if self.writer is not None:
             self.writer.write(obs)
+
+
+def runs_on(env: Any) -> str:
+    """Where the env's model runs and in what format, e.g. "cpu (2 threads), fp32 (no native bf16 on
+    this CPU)"; "" for an env without a Genie model."""
+    model = getattr(getattr(env, "unwrapped", env), "model", None)
+    if model is None:
+        return ""
+    from genie_env.precision import DTYPES, describe
+
+    return describe(model.device, next(name for name, dt in DTYPES.items() if dt == model.autocast_dtype))
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -238,7 +301,8 @@ class PlayArgs:
         "help": "stop after this many frames (headless default: 60)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda when available)"})
     dtype: str | None = field(default=None, metadata={
-        "help": "bf16 or fp32 inference (default: bf16 where supported)", "choices": ["bf16", "fp32"]})
+        "help": "bf16 or fp32 inference (default: bf16 where the hardware runs it natively, else fp32)",
+        "choices": ["bf16", "fp32"]})
 
 
 HEADLESS_STEPS = 60
@@ -325,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         autopilot = AutoPilot(choices, np.random.default_rng(seed))
     else:
         print("genie-play: arrows/WASD move (up = jump), 1-9 latent actions, R restart, Space pause, Esc/Q quit")
-    print(f"genie-play: seed {seed}")
+    print(f"genie-play: seed {seed}; running on {runs_on(env)}")
 
     viewer = None
     try:

@@ -19,6 +19,7 @@ from gymnasium.utils.env_checker import check_env
 import genie_env
 from genie_env.env import GenieEnv
 from genie_env.hub import CheckpointError
+from genie_env.precision import autocast_dtype, default_dtype
 from genie_env.registration import ENV_ID, MAX_EPISODE_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +304,7 @@ def test_given_model_is_played_and_dtype_applies(ckpt):
     assert env.model is model and model.autocast_dtype is None
     assert env.prompt_bank is None  # a bare model ships no files
     GenieEnv(model=model)
-    assert model.autocast_dtype == torch.bfloat16  # the CPU default
+    assert model.autocast_dtype == autocast_dtype(default_dtype("cpu"))  # the rule of genie_env.precision
 
 
 def test_default_checkpoint_is_the_shipped_model(ckpt, tmp_path, monkeypatch):

@@ -126,6 +126,31 @@ def test_cached_step_equals_full_recompute(tiny):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("rows", [None, torch.tensor([1])])
+def test_commit_writes_the_keys_and_values_of_the_full_pass(tiny, rows):
+    """The commit pass skips what the last block computes after its keys and values; the cache it leaves
+    must equal what the full pass (`forward_step` in every block) would have written."""
+    dyn = tiny.dynamics
+    tok, acts = _tokens_actions(tiny, t=3)
+    cache = dyn.new_cache(2)
+    dyn.step(cache, tok[:, 0], torch.full((2,), dyn.null_action, dtype=torch.long), commit=True)
+    dyn.step(cache, tok[:, 1], acts[:, 0], commit=True)
+    sel = slice(None) if rows is None else rows
+    # the reference: every block's full step against the cache as it is before the commit
+    x, a = dyn._embed(tok[sel, 2][:, None], acts[sel, 1][:, None])
+    want = []
+    for i, blk in enumerate(dyn.blocks):
+        x, k, v = blk.forward_step(x, a, cache.k[i][sel], cache.v[i][sel], dyn._step_bias(cache, rows, blk))
+        want.append((k, v))
+    slot = cache.ptr[sel].clone()
+    dyn.step(cache, tok[sel, 2], acts[sel, 1], rows=rows, commit=True)
+    idx = torch.arange(2)[sel]
+    for i, (k, v) in enumerate(want):
+        torch.testing.assert_close(cache.k[i][idx, :, :, slot], k, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cache.v[i][idx, :, :, slot], v, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_action_t_conditions_frame_t_plus_1_only(tiny):
     """a_t (transition t -> t+1) must change the prediction of frame t+1 and later, never frame t."""
     dyn = tiny.dynamics

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,17 @@ import torch
 from conftest import write_tiny_checkpoint
 
 from genie_env.env import GenieEnv
-from genie_env.viewer import AutoPilot, KeyHandler, VideoWriter, Viewer, main, no_display, save_video
+from genie_env.viewer import (
+    SLOW_AFTER_STEPS,
+    AutoPilot,
+    KeyHandler,
+    VideoWriter,
+    Viewer,
+    main,
+    no_display,
+    save_video,
+    slow_message,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION_MAP = {"LEFT": 1, "RIGHT": 2, "UP": 3, "LEFT+UP": 4, "RIGHT+UP": 5, "NONE": 0}
@@ -112,6 +123,39 @@ def test_posted_key_events_change_the_action_and_frames_are_drawn(ckpt, dummy_vi
     viewer.tick()
     assert viewer.actions == [0, 2, 5, 0, 6]
     assert np.array_equal(viewer.screenshot()[: 16 * 4][::4, ::4], viewer.obs)  # the newest frame is shown
+    viewer.close()
+
+
+def test_slow_message_names_the_one_setting_to_try():
+    assert slow_message(14.0, 15, "fp32", False, 2) is None  # within 10% of the display rate
+    emulated = slow_message(1.1, 15, "bf16", False, 2)
+    assert "1.1 frames/s" in emulated and "15 frames/s" in emulated and "--dtype fp32" in emulated
+    assert "--dtype" not in slow_message(8.0, 15, "bf16", True, 2)  # native bf16 is already the fast format
+    assert "--maskgit-steps 1" in slow_message(8.0, 15, "fp32", False, 2)
+    assert "--fps 8" in slow_message(8.7, 15, "fp32", False, 1)  # nothing left to cut: match the display
+
+
+@pytest.mark.parametrize("display_fps, slow", [(1000, True), (1, False)])
+def test_viewer_says_where_it_runs_and_warns_once_when_slow(ckpt, dummy_video, capsys, display_fps, slow):
+    import pygame
+
+    env = GenieEnv(ckpt, dtype="fp32")
+    step = env.step
+
+    def slow_step(action):  # at most 200 frames/s, whatever the machine
+        time.sleep(0.005)
+        return step(action)
+
+    env.step = slow_step
+    viewer = Viewer(env, scale=2, fps=display_fps, seed=0)
+    for _ in range(3 * SLOW_AFTER_STEPS):
+        viewer.tick()
+    caption = pygame.display.get_caption()[0]
+    assert f"cpu ({torch.get_num_threads()} thread" in caption and "), fp32" in caption and "fps" in caption
+    assert 0 < viewer.model_fps() < 200
+    err = capsys.readouterr().err
+    assert err.count("slower than the") == (1 if slow else 0)
+    assert (viewer.slow_notice is not None) is slow
     viewer.close()
 
 

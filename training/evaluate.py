@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from genie_env import Genie
+from genie_env.precision import DTYPES, autocast_dtype, resolve_dtype
 from training.data import FrameCache, load_actions
 from training.metrics import nmi, perplexity, psnr
 
@@ -216,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--maskgit-steps", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="number format (default: bf16 where the hardware runs it natively, else fp32)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="the same as --dtype bf16 (--no-bf16: --dtype fp32)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--strip", type=Path, default=None, help="save a rollout strip PNG here")
@@ -227,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     model = Genie.from_pretrained(a.checkpoint)
-    if a.bf16:
-        model.autocast_dtype = torch.bfloat16
+    if a.dtype is None and a.bf16 is not None:
+        a.dtype = "bf16" if a.bf16 else "fp32"
+    a.dtype = resolve_dtype(a.dtype, model.device)
+    model.autocast_dtype = autocast_dtype(a.dtype)
     clips = load_eval_clips(a.data, model.config.image_size, num_clips=a.clips)
     res = evaluate(model, clips, seed=a.seed, maskgit_steps=a.maskgit_steps, temperature=a.temperature)
     if model.outcomes is not None:  # metric 8 on the real transitions of --data
@@ -238,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         res["reward_and_episode_end"] = metric8(model, [a.data], load_action_map(model), a.outcome_max_inside,
                                                 seed=a.seed)[str(a.data)]
     res["threads"] = torch.get_num_threads()
-    res["bf16"] = a.bf16
+    res["bf16"] = a.dtype == "bf16"
+    res["dtype"] = a.dtype
     res["checkpoint"] = str(a.checkpoint or "shipped default")
     res["data"] = str(a.data)
     gen = res.pop("_rollout", None)

@@ -102,6 +102,13 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
+    def split_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, d) -> k, v each (B, n, L, d/n): `split` without computing the queries."""
+        b, length, d = x.shape
+        kv = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:])
+        kv = kv.view(b, length, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
+
     def merge(self, out: torch.Tensor) -> torch.Tensor:
         """(B, n, L, d/n) -> (B, L, d)."""
         b, n, length, dh = out.shape

@@ -112,6 +112,15 @@ class STBlock(nn.Module):
         new_v = v.view(b, n, self.heads, d // self.heads)
         return self._mlp(x), new_k, new_v
 
+    def step_kv(self, x: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only a complete frame's own key and value (B, n, H, d/H) for the cache: what `forward_step`
+        returns besides its output, without the temporal attention, its projection and the MLP that
+        only the output needs (the last block's commit pass has no use for its output)."""
+        b, _, n, d = x.shape
+        x = self._spatial_mlp_in(x, act)
+        k, v = self.temporal.split_kv(rearrange(self.norm_t(x), "b t n d -> (b n) t d"))
+        return k.view(b, n, self.heads, d // self.heads), v.view(b, n, self.heads, d // self.heads)
+
 
 @dataclass
 class KVCache:
@@ -298,10 +307,14 @@ class DynamicsModel(nn.Module):
         """
         x, a = self._embed(tokens[:, None], action[:, None])
         b = x.shape[0]
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            ck = cache.k[i] if rows is None else cache.k[i][rows]
-            cv = cache.v[i] if rows is None else cache.v[i][rows]
-            x, k, v = blk.forward_step(x, a, ck, cv, self._step_bias(cache, rows, blk))
+            if commit and i == last:  # nothing reads this block's output when committing
+                k, v = blk.step_kv(x, a)
+            else:
+                ck = cache.k[i] if rows is None else cache.k[i][rows]
+                cv = cache.v[i] if rows is None else cache.v[i][rows]
+                x, k, v = blk.forward_step(x, a, ck, cv, self._step_bias(cache, rows, blk))
             if commit:
                 idx = torch.arange(cache.batch_size, device=x.device) if rows is None else rows
                 ptr = cache.ptr[idx]
