@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from genie_env.env import load_action_map
     from genie_env.hub import EXTRA_FILES
+    from genie_env.precision import autocast_dtype, resolve_dtype
 
     p = argparse.ArgumentParser(prog="python -m training.outcomes",
                                 description="EVALUATION.md metric 8: reward and episode end")
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-envs", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="number format (default: bf16 where the hardware runs it natively, else fp32)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--calibrate-on", type=Path, default=None,
                    help="first set the heads' thresholds to the best F1 on this dataset and save them into "
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = Genie.from_pretrained(a.checkpoint)
-    model.autocast_dtype = torch.bfloat16
+    model.autocast_dtype = autocast_dtype(resolve_dtype(a.dtype, model.device))
     if model.outcomes is None:
         print("error: --checkpoint has no reward / episode-end heads (train them with --stage reward)",
               file=sys.stderr)
