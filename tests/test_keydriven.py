@@ -123,8 +123,8 @@ def test_real_starts_are_shared_by_every_key(tiny_checkpoint):
     from genie_env import Genie
 
     model = Genie.from_pretrained(tiny_checkpoint)
-    res = run_keydriven(model, KeyArgs(starts=2, steps=8, long_keys="RIGHT*3,RIGHT+UP*3", long_starts=2),
-                        log=lambda *a: None)
+    args = KeyArgs(starts=2, steps=8, long_keys="RIGHT*3,RIGHT+UP*3", long_steps=6, long_starts=2)
+    res = run_keydriven(model, args, log=lambda *a: None)
     real, gen = res["_real"], res["_gen"]
     assert real.shape == gen.shape == (2, 6, 9, 3, 16, 16)
     # every key starts from the same restored state, and the model from that frame
@@ -141,8 +141,8 @@ def test_real_starts_are_shared_by_every_key(tiny_checkpoint):
 def test_keydriven_cli_smoke(tiny_checkpoint, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "training.evaluate", "--keydriven", "2", "--checkpoint",
-                        str(tiny_checkpoint), "--long-keys", "RIGHT*4,RIGHT+UP*4", "--no-bf16", "--threads", "1",
-                        "--json", str(tmp_path / "k.json"), "--strip", str(tmp_path / "k.png")],
+                        str(tiny_checkpoint), "--long-keys", "RIGHT*4,RIGHT+UP*4", "--long-steps", "8", "--no-bf16",
+                        "--threads", "1", "--json", str(tmp_path / "k.json"), "--strip", str(tmp_path / "k.png")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "key accuracy" in r.stdout and "scroll RIGHT - LEFT" in r.stdout and "floor" in r.stdout

@@ -72,8 +72,11 @@ class KeyArgs:
     """Model rows (start x key) per forward chunk."""
     max_shift: int = 16
     """Largest view shift searched, in pixels (at 64 x 64)."""
-    long_keys: str = "RIGHT*32,RIGHT+UP*32"
-    """Key sequence of the long keyboard rollout (KEY*count, comma separated); empty = none."""
+    long_keys: str = "RIGHT*8,RIGHT+UP*8"
+    """Key sequence of the long keyboard rollout (KEY*count, comma separated), repeated to ``long_steps``;
+    empty = none. Holding RIGHT alone often leaves the agent pushing against the first step of the level."""
+    long_steps: int = 64
+    """Steps of the long keyboard rollout."""
     long_starts: int = 3
     """Starts shown in the long rollout strip."""
 
@@ -321,6 +324,8 @@ def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None,
     if not 1 <= args.prompt_frames <= model.config.context_frames - 1:
         raise ValueError(f"prompt_frames must be in [1, {model.config.context_frames - 1}] (the model's context "
                          f"leaves room for one generated frame), got {args.prompt_frames}")
+    if args.long_keys and args.long_steps < 1:
+        raise ValueError(f"long_steps must be >= 1 with a long key sequence, got {args.long_steps}")
     if args.warmup < args.prompt_frames:
         raise ValueError(f"warmup must be >= prompt_frames ({args.prompt_frames}), got {args.warmup}")
     amap = load_action_map(model)
@@ -329,11 +334,10 @@ def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None,
         raise ValueError(f"the checkpoint's action map lacks {missing} (has {sorted(amap)}): metric 7 needs a "
                          f"latent action for each of {', '.join(KEYS)} in action_map.json")
     long_seq = parse_key_sequence(args.long_keys)
+    long_seq = [long_seq[i % len(long_seq)] for i in range(args.long_steps)] if long_seq else []
     t0 = time.time()
     game = RealGame(args, args.starts)
     seqs = {k: np.full(args.steps, combo_index(game.combos, k)) for k in KEYS}
-    if long_seq:
-        seqs["_long"] = np.array([combo_index(game.combos, k) for k in long_seq])
     states, prompts, real = real_starts(game, args, seqs, log=log)
     size = model.config.image_size
     n, k = args.starts, len(KEYS)
@@ -353,11 +357,20 @@ def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None,
                distribution_mode=args.distribution_mode, action_map={key: amap[key] for key in KEYS})
     res["_real"], res["_gen"] = real_t, gen
     if long_seq:
-        m = min(args.long_starts, n)
-        long_real = to_model_frames(real["_long"][:m], size)
-        long_act = torch.tensor([amap[key] for key in long_seq])[None].expand(m, -1)
-        long_gen = model_rollouts(model, prompt_t[:m], long_act, args.seed, args.batch, maskgit_steps, temperature)
-        res["long_keys"] = args.long_keys
+        # the long rollout is shown from the first starts where the real game runs the whole sequence
+        # without a death or the coin (holding RIGHT for long often meets an enemy or a pit)
+        seq = np.array([combo_index(game.combos, k) for k in long_seq])
+        frames, ended = game.play(states, np.broadcast_to(seq, (n, len(seq))))
+        rows = np.flatnonzero(~ended.any(1))[: args.long_starts]
+        if rows.size == 0:
+            log(f"long rollout: every start ends an episode within {args.long_keys!r}; no long strip")
+    if long_seq and rows.size:
+        long_real = to_model_frames(frames[rows], size)
+        long_act = torch.tensor([amap[key] for key in long_seq])[None].expand(rows.size, -1)
+        long_gen = model_rollouts(model, prompt_t[torch.from_numpy(rows)], long_act, args.seed, args.batch,
+                                  maskgit_steps, temperature)
+        res["long_keys"] = f"{args.long_keys} to {args.long_steps} steps"
+        res["long_starts"] = rows.tolist()
         res["long_psnr"] = {t: float(psnr(long_gen[:, t], long_real[:, t]).mean())
                             for t in (8, 16, 32, len(long_seq)) if t <= len(long_seq)}
         res["long_copy_psnr"] = {t: float(psnr(long_real[:, 0], long_real[:, t]).mean()) for t in res["long_psnr"]}
@@ -461,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distribution-mode", default=d.distribution_mode)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch", type=int, default=d.batch, help="model rows per forward chunk")
-    p.add_argument("--long-keys", default=d.long_keys, help="key sequence of the long rollout, '' for none")
+    p.add_argument("--long-keys", default=d.long_keys,
+                   help="key sequence of the long rollout (KEY*count,...), repeated to --long-steps; '' for none")
+    p.add_argument("--long-steps", type=int, default=d.long_steps, help="steps of the long rollout")
     p.add_argument("--maskgit-steps", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
@@ -475,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     args = KeyArgs(starts=a.keydriven, steps=a.steps, warmup=a.warmup, prompt_frames=a.prompt_frames,
                    start_level=a.start_level, num_levels=a.num_levels, distribution_mode=a.distribution_mode,
-                   seed=a.seed, batch=a.batch, long_keys=a.long_keys)
+                   seed=a.seed, batch=a.batch, long_keys=a.long_keys,
+                   long_steps=a.long_steps)
     model = Genie.from_pretrained(a.checkpoint).eval()
     if a.bf16:
         model.autocast_dtype = torch.bfloat16
