@@ -75,7 +75,7 @@ def test_a_model_that_returns_the_real_frames_scores_perfectly():
     assert res["key_accuracy"] == 1.0 and res["key_pairs"] > 0
     assert res["scroll_real_px"] == 2 * 2 * 8  # RIGHT minus LEFT: 2 px a step each way, 8 steps
     assert res["scroll_model_px"] == res["scroll_real_px"] and res["scroll_ratio"] == 1.0
-    assert res["scroll_agreement"] == 1.0
+    assert res["scroll_agreement"] == res["scroll_agreement_where_real_moved"] == 1.0
     assert res["jump_real_px"] == 4 and res["jump_ratio"] == 1.0 and res["jump_agreement"] == 1.0
     assert res["psnr"] == pytest.approx([60.0] * 8)
     assert all(check_floors(res).values())
@@ -87,7 +87,7 @@ def test_a_copy_model_gets_the_copy_psnr_and_no_scroll():
     res = key_metrics(real, copy)
     assert res["psnr"] == pytest.approx(res["copy_psnr"])
     assert res["scroll_model_px"] == 0 and res["scroll_ratio"] == 0 and res["scroll_agreement"] == 0
-    assert res["jump_model_px"] == 0 and res["jump_agreement"] == 0
+    assert res["jump_model_px"] == 0 and res["jump_agreement"] == 0 and res["jump_agreement_where_real_moved"] == 0
     floors = check_floors(res)
     assert not floors["psnr_above_copy"] and not floors["scroll_ratio"] and not floors["jump_agreement"]
 

@@ -164,8 +164,13 @@ def key_metrics(real: torch.Tensor, gen: torch.Tensor, keys: tuple[str, ...] = K
         res[f"{name}_model_px"] = float(m.mean())
         res[f"{name}_real_px"] = float(r.mean())
         res[f"{name}_ratio"] = float(m.mean() / r.mean()) if r.mean() != 0 else float("nan")
-        res[f"{name}_agreement"] = float((torch.sign(m) == torch.sign(r)).float().mean())
-        res[f"{name}_real_nonzero"] = int((r != 0).sum())
+        same = torch.sign(m) == torch.sign(r)
+        moved = r != 0
+        res[f"{name}_agreement"] = float(same.float().mean())
+        res[f"{name}_real_nonzero"] = int(moved.sum())
+        # the same share over the starts where the real view moved: tells missing a real move apart from
+        # moving where the game stood still
+        res[f"{name}_agreement_where_real_moved"] = float(same[moved].float().mean()) if moved.any() else float("nan")
         res[f"{name}_t"] = t
     return res
 
@@ -404,12 +409,14 @@ def format_table(res: dict) -> str:
     if "scroll_ratio" in res:
         lines.append(f"scroll RIGHT - LEFT @{res['scroll_t']}: model {res['scroll_model_px']:.2f} px, real "
                      f"{res['scroll_real_px']:.2f} px, ratio {res['scroll_ratio']:.3f}, sign agreement "
-                     f"{res['scroll_agreement']:.3f} (real nonzero {res['scroll_real_nonzero']})   "
+                     f"{res['scroll_agreement']:.3f} ({res['scroll_agreement_where_real_moved']:.3f} over the "
+                     f"{res['scroll_real_nonzero']} starts where the real view moved)   "
                      f"floor 0.8-1.25: {ok(fl['scroll_ratio'])}, goal 0.9-1.1: {ok(fl['scroll_ratio_goal'])}")
     if "jump_agreement" in res:
         lines.append(f"jump UP - NONE @{res['jump_t']}: model {res['jump_model_px']:.2f} px, real "
                      f"{res['jump_real_px']:.2f} px, ratio {res['jump_ratio']:.3f}, sign agreement "
-                     f"{res['jump_agreement']:.3f} (real nonzero {res['jump_real_nonzero']})   "
+                     f"{res['jump_agreement']:.3f} ({res['jump_agreement_where_real_moved']:.3f} over the "
+                     f"{res['jump_real_nonzero']} starts where the real view moved)   "
                      f"floor 0.9: {ok(fl['jump_agreement'])}, goal 0.98: {ok(fl['jump_agreement_goal'])}")
     if "long_psnr" in res:
         lines.append(f"long rollout ({res['long_keys']}), model / copy dB: " + ", ".join(
@@ -482,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--strip-starts", type=int, default=3, help="starts shown in the strips")
     p.add_argument("--strip", type=Path, default=None,
                    help="PNG of real (upper) vs model (lower) rows per key for a few starts; the long rollout "
                         "goes beside it as <name>-long.png")
@@ -491,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = KeyArgs(starts=a.keydriven, steps=a.steps, warmup=a.warmup, prompt_frames=a.prompt_frames,
                    start_level=a.start_level, num_levels=a.num_levels, distribution_mode=a.distribution_mode,
                    seed=a.seed, batch=a.batch, long_keys=a.long_keys,
-                   long_steps=a.long_steps)
+                   long_steps=a.long_steps, long_starts=a.strip_starts)
     model = Genie.from_pretrained(a.checkpoint).eval()
     if a.bf16:
         model.autocast_dtype = torch.bfloat16
@@ -502,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     res.update(threads=torch.get_num_threads(), bf16=a.bf16, checkpoint=str(a.checkpoint or "shipped default"))
     print(format_table(res))
     if a.strip is not None:
-        for path in save_strips(res, a.strip):
+        for path in save_strips(res, a.strip, starts=a.strip_starts):
             print(f"wrote {path}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
