@@ -142,7 +142,8 @@ def test_keydriven_cli_smoke(tiny_checkpoint, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "training.evaluate", "--keydriven", "2", "--checkpoint",
                         str(tiny_checkpoint), "--long-keys", "RIGHT*4,RIGHT+UP*4", "--long-steps", "8", "--no-bf16",
-                        "--threads", "1", "--json", str(tmp_path / "k.json"), "--strip", str(tmp_path / "k.png")],
+                        "--threads", "1", "--strip-colors", "64",
+                        "--json", str(tmp_path / "k.json"), "--strip", str(tmp_path / "k.png")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "key accuracy" in r.stdout and "scroll RIGHT - LEFT" in r.stdout and "floor" in r.stdout

@@ -441,10 +441,14 @@ def _grid(blocks: list[list[torch.Tensor]], gap: int = 2, big_gap: int = 8) -> n
     return (grid.clamp(0, 1) * 255).round().byte().numpy()
 
 
-def save_png(img: np.ndarray, path: Path, scale: int = 1) -> Path:
+def save_png(img: np.ndarray, path: Path, scale: int = 1, colors: int = 0) -> Path:
+    """Save a uint8 image; ``colors`` > 0 reduces it to that many palette colours (256 keeps a strip above
+    40 dB of itself at about half the bytes, small enough for a model card)."""
     from PIL import Image
 
     im = Image.fromarray(img)
+    if colors:
+        im = im.quantize(colors, method=Image.Quantize.MEDIANCUT)
     if scale != 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -452,18 +456,18 @@ def save_png(img: np.ndarray, path: Path, scale: int = 1) -> Path:
     return path
 
 
-def save_strips(res: dict, path: Path, starts: int = 3, long_every: int = 8) -> list[Path]:
+def save_strips(res: dict, path: Path, starts: int = 3, long_every: int = 8, colors: int = 0) -> list[Path]:
     """``path``: per start (side by side), per key a real row and a model row, t = 0..steps. With a long
     rollout also ``<path>-long.png``: per start a real row and a model row, every ``long_every``-th frame."""
     real, gen = res["_real"], res["_gen"]
     m = min(starts, real.shape[0])
     blocks = [[row for k in range(real.shape[1]) for row in (real[s, k], gen[s, k])] for s in range(m)]
-    out = [save_png(_grid(blocks), path)]
+    out = [save_png(_grid(blocks), path, colors=colors)]
     if "_long_real" in res:
         lr, lg = res["_long_real"], res["_long_gen"]
         idx = list(range(0, lr.shape[1], long_every))
         rows = [row for s in range(lr.shape[0]) for row in (lr[s, idx], lg[s, idx])]
-        out.append(save_png(_grid([rows]), path.with_name(path.stem + "-long" + path.suffix)))
+        out.append(save_png(_grid([rows]), path.with_name(path.stem + "-long" + path.suffix), colors=colors))
     return out
 
 
@@ -490,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--strip-starts", type=int, default=3, help="starts shown in the strips")
+    p.add_argument("--strip-colors", type=int, default=0, help="palette colours of the strips (0 = full colour)")
     p.add_argument("--strip", type=Path, default=None,
                    help="PNG of real (upper) vs model (lower) rows per key for a few starts; the long rollout "
                         "goes beside it as <name>-long.png")
@@ -510,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     res.update(threads=torch.get_num_threads(), bf16=a.bf16, checkpoint=str(a.checkpoint or "shipped default"))
     print(format_table(res))
     if a.strip is not None:
-        for path in save_strips(res, a.strip, starts=a.strip_starts):
+        for path in save_strips(res, a.strip, starts=a.strip_starts, colors=a.strip_colors):
             print(f"wrote {path}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
