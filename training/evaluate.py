@@ -1,6 +1,7 @@
 """Evaluate a Genie checkpoint with every metric of EVALUATION.md.
 
     python -m training.evaluate --checkpoint weights --data data/coinrun-val --json eval.json
+    python -m training.evaluate --keydriven 48 --json keys.json --strip keys.png   # metric 7, the real game
 
 Clips: 16 consecutive frames from the validation videos (never crossing a video, so never an episode
 boundary), up to ``--clips`` of them spread evenly over the videos. The true game actions recorded beside
@@ -210,6 +211,12 @@ def print_table(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--keydriven" or a.startswith("--keydriven=") for a in argv):
+        # metric 7 plays the real game instead of reading clips: its own options (training/keydriven.py)
+        from training.keydriven import main as keydriven_main
+
+        return keydriven_main(argv)
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="release folder or hub repo id (default: shipped model)")
     p.add_argument("--data", type=Path, required=True, help="validation dataset folder")
