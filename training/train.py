@@ -37,7 +37,8 @@ from genie_env import Genie, GenieConfig
 from genie_env.config import ConfigError
 from genie_env.hub import recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
-from training.data import ClipSampler, DatasetError, FrameCache, to_tensor
+from training.data import DatasetError
+from training.pretokenized import TokenFile, make_sampler, open_training_data, to_batch
 
 STAGES = ("tokenizer", "lam", "dynamics")
 # Fields a stage may override: training settings only, never the architecture.
@@ -56,7 +57,8 @@ class TrainArgs:
     config: Path
     """YAML config (GenieConfig fields + optional `stages:`)."""
     data: Path
-    """Dataset folder (DATA/videos/*.mp4)."""
+    """Dataset folder (DATA/videos/*.mp4), or a file from `python -m training.pretokenize`: a frames file
+    (any stage) or a tokens file (the dynamics stage, with cotrain_lam: false)."""
     out: Path
     """Run folder."""
     val_data: Path | None = None
@@ -173,8 +175,16 @@ class StageModule(nn.Module):
             params += list(g.latent_actions.parameters())
         return params
 
-    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, frames: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                actions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """frames (B, 3, T, H, W) in [0, 1]; or, for the dynamics stage from a tokens file, tokens (B, T, n)
+        and latent actions (B, T-1) that the frozen tokenizer and latent action model gave for them."""
         g, cfg = self.genie, self.cfg
+        if tokens is not None:
+            if self.stage != "dynamics" or self.cotrain_lam:
+                raise ValueError("tokens in place of frames train only the dynamics stage with cotrain_lam: false")
+            ce, m = g.dynamics.loss(tokens, actions)
+            return cfg.lambda_dynamics * ce, m
         if self.stage == "tokenizer":
             out = g.tokenizer(frames)
             return out.loss, {"recon_mse": out.recon_loss.detach(), "perplexity": out.perplexity.detach()}
@@ -343,9 +353,16 @@ class Trainer:
             wrapped = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        cache = FrameCache(args.data, cfg.image_size, log=self.log if self.is_main else (lambda *a: None))
-        sampler = ClipSampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
-                              world_size=self.world)
+        quiet = lambda *a: None  # noqa: E731
+        cache = open_training_data(args.data, stage, cfg.image_size, log=self.log if self.is_main else quiet)
+        if isinstance(cache, TokenFile):
+            if extra["cotrain_lam"]:
+                raise ConfigError(f"--data {args.data} holds tokens and inferred actions, no frames to co-train the "
+                                  "latent action model on: set stages.dynamics.cotrain_lam=false, or train from "
+                                  "the videos")
+            cache.check_model(genie)
+        sampler = make_sampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
+                               world_size=self.world)
         step = 0
         elapsed = 0.0
         if state is not None:
@@ -381,9 +398,9 @@ class Trainer:
         status = "done"
         saved = None
         while step < max_steps:
-            x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
+            batch = to_batch(sampler.sample(cfg.batch_size), self.device)
             with autocast:
-                loss, metrics = wrapped(x)
+                loss, metrics = wrapped(**batch)
             if not torch.isfinite(loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise FloatingPointError(
