@@ -76,9 +76,10 @@ def tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> dict:
 @torch.no_grad()
 def action_metrics(model: Genie, x: torch.Tensor, groups: np.ndarray | None, bs: int = 16) -> dict:
     acts = torch.cat([model.infer_actions(x[sl]) for sl in _batches(x.shape[0], bs)])
-    res = {"latent_action_perplexity": perplexity(acts.numpy(), model.config.action_vocab_size), "_actions": acts}
+    host = acts.cpu().numpy()
+    res = {"latent_action_perplexity": perplexity(host, model.config.action_vocab_size), "_actions": acts}
     if groups is not None:
-        res["action_nmi"] = nmi(acts.numpy(), groups)
+        res["action_nmi"] = nmi(host, groups)
     return res
 
 
@@ -88,7 +89,7 @@ def rollout(model: Genie, x: torch.Tensor, actions: torch.Tensor, steps: int, se
     """Prompt with frame 0, generate ``steps`` frames under ``actions`` -> (N, 3, steps + 1, H, W)."""
     outs = []
     for k, sl in enumerate(_batches(x.shape[0], bs)):
-        g = torch.Generator().manual_seed(seed + k)
+        g = torch.Generator(device=model.device).manual_seed(seed + k)  # sampling draws on the model's device
         outs.append(model.generate(x[sl, :, 0], steps + 1, actions=actions[sl, :steps], generator=g,
                                    maskgit_steps=maskgit_steps, temperature=temperature))
     return torch.cat(outs)
@@ -119,7 +120,7 @@ def dynamics_metrics(model: Genie, x: torch.Tensor, actions: torch.Tensor, token
 
 def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None = None,
              temperature: float | None = None, dynamics: bool = True) -> dict:
-    x, groups = clips["frames"], clips["groups"]
+    x, groups = clips["frames"].to(model.device), clips["groups"]
     t0 = time.time()
     res = {"clips": int(x.shape[0])}
     tm = tokenizer_metrics(model, x)
@@ -140,7 +141,7 @@ def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None
 @torch.no_grad()
 def evaluate_stage(model: Genie, stage: str, clips: dict, samples_to: Path | None = None) -> dict:
     """Validation during training: the metrics that the stage can move."""
-    x = clips["frames"]
+    x = clips["frames"].to(model.device)
     if stage == "tokenizer":
         tm = tokenizer_metrics(model, x)
         if samples_to:
@@ -169,7 +170,7 @@ def save_strip(frames: torch.Tensor, path: Path, scale: int = 2) -> None:
     from PIL import Image
 
     rows, cols, _, h, w = frames.shape
-    grid = frames.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    grid = frames.detach().cpu().permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
     img = Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy())
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -182,7 +183,7 @@ def save_gif(clips: torch.Tensor, path: Path, scale: int = 3, fps: int = 8) -> N
     from PIL import Image
 
     b, _, t, h, w = clips.shape
-    frames = clips.permute(2, 3, 0, 4, 1).reshape(t, h, b * w, 3)
+    frames = clips.detach().cpu().permute(2, 3, 0, 4, 1).reshape(t, h, b * w, 3)
     imgs = [Image.fromarray((f.clamp(0, 1) * 255).round().byte().numpy()).resize((b * w * scale, h * scale),
                                                                                  Image.NEAREST) for f in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,24 +208,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--strip", type=Path, default=None, help="save a rollout strip PNG here")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = Genie.from_pretrained(a.checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    model = Genie.from_pretrained(a.checkpoint, device=device)
     if a.bf16:
         model.autocast_dtype = torch.bfloat16
     clips = load_eval_clips(a.data, model.config.image_size, num_clips=a.clips)
     res = evaluate(model, clips, seed=a.seed, maskgit_steps=a.maskgit_steps, temperature=a.temperature)
     res["threads"] = torch.get_num_threads()
     res["bf16"] = a.bf16
+    res["device"] = str(model.device)
     res["checkpoint"] = str(a.checkpoint or "shipped default")
     res["data"] = str(a.data)
     gen = res.pop("_rollout", None)
     print_table(res)
     if a.strip is not None and gen is not None:
-        x = clips["frames"]
+        x = clips["frames"].to(gen.device)
         save_strip(torch.stack([x[:4], gen[:4]], 1).flatten(0, 1).transpose(1, 2), a.strip)
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")

@@ -371,6 +371,8 @@ class Trainer:
             sampler.load_state_dict(state["sampler"][self.rank] if isinstance(state["sampler"], list)
                                     else state["sampler"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":  # the mask draws run there
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             step, elapsed = state["step"], state.get("elapsed", 0.0)
         else:
             torch.manual_seed(cfg.seed * 1000 + STAGES.index(stage) * 100 + self.rank)
@@ -495,6 +497,7 @@ class Trainer:
             "stage": stage, "step": step, "elapsed": elapsed, "model": genie.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "sampler": samplers if self.world > 1 else samplers[0], "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "config": self.config.to_dict(),
         }
         try:
