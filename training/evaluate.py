@@ -28,7 +28,10 @@ CLIP = 16
 def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int = 128, clip_frames: int = CLIP,
                     log=print) -> dict:
     """Deterministic evaluation clips: {"frames": (N, 3, T, H, W) float, "groups": (N, T-1) str or None}."""
-    cache = FrameCache(data_dir, image_size, log=log)
+    from training.pretokenized import FrameFile, is_pretokenized
+
+    # a frames file (`training.pretokenize --frames-out`) serves where no video decoder is installed
+    cache = FrameFile(data_dir) if is_pretokenized(data_dir) else FrameCache(data_dir, image_size, log=log)
     usable = [i for i, e in enumerate(cache.videos) if e.frames >= clip_frames]
     if not usable:
         raise ValueError(f"no video in {data_dir} has {clip_frames} frames")
@@ -46,7 +49,7 @@ def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int =
     have_groups = True
     for i, start in picks:
         frames.append(cache.clip(i, start, clip_frames))
-        meta = load_actions(data_dir, cache.videos[i].name)
+        meta = None if is_pretokenized(data_dir) else load_actions(data_dir, cache.videos[i].name)
         if meta and "action_groups" in meta:
             groups.append(meta["action_groups"][start : start + clip_frames - 1])
         else:

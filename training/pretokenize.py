@@ -2,6 +2,7 @@
 
     python -m training.pretokenize --checkpoint RELEASE --data DATA --out data.tokens.safetensors
     python -m training.pretokenize --data DATA --frames-out data.frames.safetensors      # frames, no model
+    python -m training.pretokenize --data data.tokens.safetensors --max-frames 200000 --out small.safetensors
     python -m training.train --config ... --data data.tokens.safetensors --stage dynamics --init-from RELEASE ...
 
 The tokens file holds every frame's tokens (uint16), the latent actions inferred for every transition
@@ -18,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training.data import DatasetError, FrameCache
-from training.pretokenized import write_frames_file, write_tokens_file
+from training.pretokenized import write_frames_file, write_subset, write_tokens_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="tokens file to write (.safetensors)")
     p.add_argument("--frames-out", type=Path, default=None, help="frames file to write (.safetensors)")
     p.add_argument("--image-size", type=int, default=64, help="frame size of a frames file made without --checkpoint")
+    p.add_argument("--max-frames", type=int, default=0,
+                   help="only the first videos, up to this many frames (0 = all), e.g. to fit a transfer limit")
     p.add_argument("--batch", type=int, default=256, help="frames per forward pass")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, as the dynamics stage would run (default: the release config's bf16)")
@@ -50,12 +54,24 @@ def main(argv: list[str] | None = None) -> int:
                           ("cpu" if a.device == "auto" else a.device))
     try:
         model = None
-        if a.out is not None:
+        if a.out is not None and not a.data.is_file():
             from genie_env import Genie
 
             model = Genie.from_pretrained(a.checkpoint, device=device)
         size = model.config.image_size if model is not None else a.image_size
+        if a.data.is_file():  # a smaller copy of a file made before
+            if a.max_frames <= 0 or a.out is None or a.frames_out is not None or a.checkpoint is not None:
+                p.error("--data FILE takes only --max-frames N and --out SMALLER_FILE (its first videos, "
+                        "up to N frames)")
+            write_subset(a.data, a.out, a.max_frames)
+            print(f"wrote {a.out}: {a.out.stat().st_size / 1e6:.1f} MB")
+            return 0
         cache = FrameCache(a.data, size)
+        if a.max_frames:
+            keep = np.cumsum([e.frames for e in cache.videos]) <= a.max_frames
+            if not keep.any():
+                p.error(f"--max-frames {a.max_frames} is shorter than the first video ({cache.videos[0].frames})")
+            cache.videos = [e for e, k in zip(cache.videos, keep) if k]
         if a.frames_out is not None:
             t0 = time.time()
             write_frames_file(cache, a.frames_out)

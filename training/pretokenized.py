@@ -320,14 +320,21 @@ def infer_video(model, frames: np.ndarray, batch: int, autocast) -> tuple[np.nda
             # one frame per batch row: a frame's tokens depend on that frame alone
             toks.append(model.tokenizer.encode(x[:, i : i + batch].transpose(0, 1)[:, :, None])[:, 0])
         acts = np.full((t, k), NO_ACTION, np.uint8)
-        for p in range(k):
+        # column k-1, full history: the whole video in overlapping chunks, each chunk's first k-1
+        # transitions (padded history) dropped except at the video's start
+        for s in range(0, t - 1, batch):
+            lo = max(0, s - (k - 1))
+            a = model.latent_actions.infer(x[None, :, lo : min(t, s + batch + 1)])[0]
+            acts[s : s + a.numel() - (s - lo), k - 1] = a[s - lo :].cpu().numpy()
+        for p in range(k - 1):
             # row i: the clip x_{i-p} .. x_{i+1}, whose last transition is i -> i+1 with p frames of history
-            idx = torch.arange(p, t - 1, device=dev)
-            for j in range(0, idx.numel(), batch):
+            idx = list(range(p, t - 1))
+            for j in range(0, len(idx), batch):
                 rows = idx[j : j + batch]
-                clips = torch.stack([x[:, r - p : r + 2] for r in rows.tolist()])  # (b, 3, p+2, H, W)
-                acts[rows.cpu().numpy(), p] = model.latent_actions.infer(clips)[:, -1].cpu().numpy()
-            for i in range(min(p, t - 1)):  # a clip cannot start before the video: fewer frames of history
+                clips = torch.stack([x[:, r - p : r + 2] for r in rows])  # (b, 3, p+2, H, W)
+                acts[rows, p] = model.latent_actions.infer(clips)[:, -1].cpu().numpy()
+        for p in range(k):  # a clip cannot start before the video: fewer frames of history
+            for i in range(min(p, t - 1)):
                 acts[i, p] = acts[i, i]
     tok = torch.cat(toks).cpu().numpy() if toks else np.zeros((0,) + (model.config.token_grid,) * 2)
     return tok.astype(np.uint16), acts
@@ -368,3 +375,44 @@ def write_tokens_file(model, cache: FrameCache, out: str | Path, source: str, ba
     _write(out, [("tokens", np.uint16, tokens.shape, [tokens]), ("actions", np.uint8, actions.shape, [actions]),
                  *tensors], meta)
     return out
+
+
+class ArraySource:
+    """Videos held in memory, in the shape of a `FrameCache` (``videos``, ``clip``, ``total_frames``,
+    ``image_size``, ``data_dir``): lets the writers make files where no video decoder is installed."""
+
+    def __init__(self, videos: list[np.ndarray], data_dir: str | Path = ".") -> None:
+        if not videos or any(v.ndim != 4 or v.shape[-1] != 3 or v.dtype != np.uint8 for v in videos):
+            raise ValueError("videos must be a non-empty list of (T, H, W, 3) uint8 arrays")
+        self.arrays = videos
+        self.data_dir = Path(data_dir)
+        self.image_size = int(videos[0].shape[1])
+        self.videos = [VideoEntry(name=f"video_{i:06d}.mp4", shard=0, offset=0, frames=len(v))
+                       for i, v in enumerate(videos)]
+
+    @property
+    def total_frames(self) -> int:
+        return sum(e.frames for e in self.videos)
+
+    def clip(self, video: int, start: int, length: int) -> np.ndarray:
+        return self.arrays[video][start : start + length]
+
+
+def write_subset(path: str | Path, out: str | Path, max_frames: int) -> Path:
+    """The first videos of a tokens or frames file, up to ``max_frames`` frames, as a file of the same kind
+    (e.g. to fit a transfer limit); the metadata and identity are kept."""
+    meta, arrays = _open(Path(path))
+    frames = arrays["video_frames"]
+    keep = int((np.cumsum(frames) <= max_frames).sum())
+    if keep == 0:
+        raise ValueError(f"max_frames={max_frames} is shorter than the first video ({int(frames[0])} frames)")
+    n = int(frames[:keep].sum())
+    per_video = {"video_frames", "video_offsets", "has_outcomes", "end_action", "end_reward", "end_terminated",
+                 "end_truncated", "has_end"}
+    tensors = []
+    for name, arr in arrays.items():
+        part = arr[:keep] if name in per_video else arr[:n]
+        tensors.append((name, part.dtype, part.shape, [part]))
+    _write(Path(out), tensors, {**meta, "video_names": meta["video_names"][:keep], "frames": n,
+                                "subset_of": str(path)})
+    return Path(out)
