@@ -1,6 +1,8 @@
 """GPU check, in one run of under 10 minutes: what this model does on a GPU (issue 17, parts 2 and 4).
 
-    PYTHONPATH=.:.gpu-site python3 scripts/gpu_check.py --tokens gpu-data/train.tokens.safetensors \\
+How to carry gymnasium and the tokens files to a machine without them: docs/experiments.md, "GPU check".
+
+    PYTHONPATH=. python3 scripts/gpu_check.py --tokens gpu-data/train.tokens.safetensors \\
         --val-tokens gpu-data/val.tokens.safetensors --out $OUT --minutes 3
     python scripts/gpu_check.py --device cpu --tiny --out /tmp/gpu-check      # the CPU-runnable parts, tiny
 
@@ -150,7 +152,9 @@ def device_step(model, cache, action: torch.Tensor, steps: int):
     replay those). Returns frames (B, 3, H, W)."""
     cfg = model.config
     dyn = model.dynamics
-    with model._autocast():
+    # autocast's cache of cast weights cannot live across a CUDA graph's capture: cast inside the step
+    dt = model.autocast_dtype
+    with torch.autocast(model.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None, cache_enabled=False):
         tokens = dyn.sample_frame(cache, action, steps, cfg.temperature, cfg.top_k, cfg.maskgit_schedule, None)
         dyn.step(cache, tokens, action, commit=True)
         g = cfg.token_grid

@@ -121,6 +121,8 @@ def test_outcomes_and_boundaries_are_stored(made):
         assert a["rewards"][34:].sum() == 0
         assert list(a["end_action"]) == [-1, 1, 2, -1]
         assert list(a["end_terminated"]) == [0, 1, 0, 0] and list(a["end_truncated"]) == [0, 0, 1, 0]
+    r, t = TokenFile(tmp / "d.tokens.safetensors").clip_outcomes(1, 7, 4)  # transitions 7->8, 8->9, 9->10
+    assert r.tolist() == [0, 0, 2.0] and t.tolist() == [False, False, True]
     ff = FrameFile(tmp / "d.frames.safetensors")
     for i, v in enumerate(vids):
         assert np.array_equal(ff.clip(i, 0, len(v)), v)  # lossless videos: the frames themselves

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from training.data import DatasetError, FrameCache
-from training.pretokenized import write_frames_file, write_subset, write_tokens_file
+from training.pretokenized import FrameFile, file_kind, write_frames_file, write_subset, write_tokens_file
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.pretokenize", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--data", type=Path, required=True, help="dataset folder (DATA/videos/*.mp4)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset folder (DATA/videos/*.mp4), a frames file, or a tokens file to cut (--max-frames)")
     p.add_argument("--checkpoint", default=None,
                    help="release folder (or hub id; default: the shipped model) whose tokenizer and latent "
                         "action model tokenise the data; the dynamics stage must use the same ones")
@@ -53,20 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     try:
+        kind = file_kind(a.data)
         model = None
-        if a.out is not None and not a.data.is_file():
+        if a.out is not None and kind != "tokens":
             from genie_env import Genie
 
             model = Genie.from_pretrained(a.checkpoint, device=device)
         size = model.config.image_size if model is not None else a.image_size
-        if a.data.is_file():  # a smaller copy of a file made before
+        if kind == "tokens":  # a smaller copy of a file made before
             if a.max_frames <= 0 or a.out is None or a.frames_out is not None or a.checkpoint is not None:
                 p.error("--data FILE takes only --max-frames N and --out SMALLER_FILE (its first videos, "
                         "up to N frames)")
             write_subset(a.data, a.out, a.max_frames)
             print(f"wrote {a.out}: {a.out.stat().st_size / 1e6:.1f} MB")
             return 0
-        cache = FrameCache(a.data, size)
+        # a frames file serves as the dataset where no video decoder is installed
+        cache = FrameFile(a.data) if kind == "frames" else FrameCache(a.data, size)
         if a.max_frames:
             keep = np.cumsum([e.frames for e in cache.videos]) <= a.max_frames
             if not keep.any():

@@ -60,6 +60,11 @@ def is_pretokenized(path: str | Path) -> bool:
     return Path(path).is_file()
 
 
+def file_kind(path: str | Path) -> str | None:
+    """"tokens" or "frames" for a file made here, None for a dataset folder; a clear error otherwise."""
+    return _open(Path(path))[0].get("kind") if Path(path).is_file() else None
+
+
 def parts_hash(model: torch.nn.Module) -> str:
     """SHA-256 of the tokenizer's and latent action model's tensors (float32 bytes, sorted by name): the
     identity of what made a tokens file."""
@@ -190,6 +195,12 @@ class TokenFile(_FileSource):
         cols = np.minimum(np.arange(length - 1), acts.shape[1] - 1)
         return np.asarray(self.arrays["tokens"][sl]), np.asarray(acts[np.arange(length - 1), cols])
 
+    def clip_outcomes(self, video: int, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (length - 1,) rewards (float32) and terminations (bool) of a clip's transitions."""
+        sl = self._span(video, start, length)
+        return (np.asarray(self.arrays["rewards"][sl.start : sl.stop - 1]),
+                np.asarray(self.arrays["terminated"][sl.start : sl.stop - 1]).astype(bool))
+
     def check_model(self, model: torch.nn.Module) -> None:
         """Refuse a model whose tokenizer or latent action model is not the one that made this file."""
         cfg = model.config.to_dict()
@@ -281,6 +292,10 @@ def _outcomes(data_dir: Path, videos: list[VideoEntry]) -> dict[str, np.ndarray]
     return out
 
 
+_OUTCOME_KEYS = ("rewards", "terminated", "has_outcomes", "end_action", "end_reward", "end_terminated",
+                 "end_truncated", "has_end")
+
+
 def _boundaries(videos: list[VideoEntry]) -> tuple[np.ndarray, np.ndarray]:
     frames = np.array([e.frames for e in videos], np.int64)
     return frames, np.concatenate([[0], np.cumsum(frames)[:-1]]).astype(np.int64)
@@ -288,7 +303,13 @@ def _boundaries(videos: list[VideoEntry]) -> tuple[np.ndarray, np.ndarray]:
 
 def _common(cache: FrameCache) -> tuple[list[tuple], dict]:
     frames, offsets = _boundaries(cache.videos)
-    extra = [(k, a.dtype, a.shape, [a]) for k, a in _outcomes(cache.data_dir, cache.videos).items()]
+    if isinstance(cache, FrameFile):  # outcomes were read from the videos' JSON when it was made
+        n, v = int(frames.sum()), len(cache.videos)
+        outcomes = {k: cache.arrays[k][:v] if cache.arrays[k].shape[0] == len(cache.meta["video_names"])
+                    else cache.arrays[k][:n] for k in _OUTCOME_KEYS}
+    else:
+        outcomes = _outcomes(cache.data_dir, cache.videos)
+    extra = [(k, a.dtype, a.shape, [a]) for k, a in outcomes.items()]
     return [("video_frames", frames.dtype, frames.shape, [frames]),
             ("video_offsets", offsets.dtype, offsets.shape, [offsets]), *extra], \
         {"format": FORMAT, "version": VERSION, "data": str(cache.data_dir),
