@@ -201,8 +201,10 @@ class TokenFile(_FileSource):
         return (np.asarray(self.arrays["rewards"][sl.start : sl.stop - 1]),
                 np.asarray(self.arrays["terminated"][sl.start : sl.stop - 1]).astype(bool))
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Refuse a model whose tokenizer or latent action model is not the one that made this file."""
+    def check_model(self, model: torch.nn.Module, bf16: bool | None = None, log=print) -> None:
+        """Refuse a model whose tokenizer or latent action model is not the one that made this file; say so
+        when the file was made under another autocast than the run's (``bf16``), whose tokens can differ in
+        a few places from those the run would compute from the videos."""
         cfg = model.config.to_dict()
         mine = {k: cfg[k] for k in _CONFIG_KEYS}
         if mine != self.meta["config"]:
@@ -217,6 +219,9 @@ class TokenFile(_FileSource):
                 f"(weights {self.meta['parts_hash'][:12]}), but this run's are {h[:12]}: train from the "
                 f"videos, start the stage from that release (--init-from {self.meta['source']}), or tokenise "
                 "again with `python -m training.pretokenize --checkpoint RELEASE` for the release this run uses")
+        if bf16 is not None and bf16 != self.meta.get("bf16"):
+            log(f"note: {self.path} was tokenised with bf16={self.meta.get('bf16')}, this run has bf16={bf16}; "
+                "a few tokens may differ from those of the videos (make it with --bf16/--no-bf16 to match)")
 
 
 class TokenClipSampler(ClipSampler):

@@ -360,7 +360,7 @@ class Trainer:
                 raise ConfigError(f"--data {args.data} holds tokens and inferred actions, no frames to co-train the "
                                   "latent action model on: set stages.dynamics.cotrain_lam=false, or train from "
                                   "the videos")
-            cache.check_model(genie)
+            cache.check_model(genie, bf16=cfg.bf16, log=self.log if self.is_main else quiet)
         sampler = make_sampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
                                world_size=self.world)
         step = 0
