@@ -2,6 +2,7 @@
 
     python -m genie_env.benchmark                       # the shipped model, default sampling settings
     python -m genie_env.benchmark --checkpoint DIR --maskgit-steps 4 --json bench.json
+    python -m genie_env.benchmark --device cuda --batch-sizes 32,256,1024,4096 --episode-steps 200
 
 Measures, with the prompt already encoded: per-step latency at batch 1 (MaskGIT sampling + decoding the
 new frame) and its split between the dynamics (per MaskGIT step) and the decoder; steps per second of
@@ -43,26 +44,40 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
-    """GFLOP/s of square matmuls in this dtype."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work: GPU calls return before their kernels finish."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int | None = None, seconds: float = 1.0, device: str | torch.device = "cpu"
+                ) -> float:
+    """GFLOP/s of square matmuls in this dtype (n: 1024 on a CPU, 8192 on a GPU, which small ones leave idle)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    sync(device)
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
+        if reps % 10 == 0:
+            sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _timeit(fn, reps: int) -> float:
-    """Median seconds of fn() over reps runs (after one warm-up)."""
+def _timeit(fn, reps: int, device: torch.device | str = "cpu") -> float:
+    """Median seconds of fn() over reps runs (after one warm-up), its device work included."""
     fn()
+    sync(device)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -71,10 +86,11 @@ def step_flops(model: Genie, steps: int) -> float:
     """FLOPs of one environment step at batch 1 (counted by torch's FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    prompt = torch.rand(1, 3, model.config.image_size, model.config.image_size)
-    s = model.start(prompt, generator=torch.Generator().manual_seed(0), maskgit_steps=steps)
+    dev = model.device
+    prompt = torch.rand(1, 3, model.config.image_size, model.config.image_size, device=dev)
+    s = model.start(prompt, generator=torch.Generator(device=dev).manual_seed(0), maskgit_steps=steps)
     with FlopCounterMode(display=False) as fc:
-        s.step(torch.zeros(1, dtype=torch.long))
+        s.step(torch.zeros(1, dtype=torch.long, device=dev))
     return float(fc.get_total_flops())
 
 
@@ -85,10 +101,12 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
     cfg = model.config
     size = cfg.image_size
     dtype = next(name for name, dt in DTYPES.items() if dt == model.autocast_dtype)
+    dev = model.device
     res: dict = {
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_name(),
         "native_bf16": native_bf16(model.device),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "dtype": str(model.autocast_dtype or torch.float32).replace("torch.", ""),
         "maskgit_steps": steps,
@@ -97,18 +115,19 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
         "parameters": model.num_parameters(),
     }
     log("measuring matmul peak ...")
-    res["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    res["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32, device=dev),
+                                 "bf16": matmul_peak(torch.bfloat16, device=dev)}
 
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.rand(1, 3, size, size, generator=gen)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    prompt = torch.rand(1, 3, size, size, generator=gen, device=dev)
     session = model.start(prompt, generator=gen, maskgit_steps=steps, temperature=temperature)
-    a = torch.zeros(1, dtype=torch.long)
+    a = torch.zeros(1, dtype=torch.long, device=dev)
     for _ in range(cfg.context_frames):  # fill the cache: steady state
         session.step(a)
     log("measuring batch-1 latency ...")
-    res["step_ms_batch1"] = 1000 * _timeit(lambda: session.step(a), reps)
+    res["step_ms_batch1"] = 1000 * _timeit(lambda: session.step(a), reps, dev)
     dyn = model.dynamics
-    toks = torch.full((1, cfg.tokens_per_frame), dyn.mask_id)
+    toks = torch.full((1, cfg.tokens_per_frame), dyn.mask_id, device=dev)
 
     def one_dynamics_pass():
         with model._autocast():
@@ -118,8 +137,8 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
         with model._autocast():
             model.tokenizer.decode(session.last_tokens.view(1, 1, cfg.token_grid, cfg.token_grid))
 
-    res["dynamics_pass_ms"] = 1000 * _timeit(one_dynamics_pass, reps)
-    res["decode_ms"] = 1000 * _timeit(decode, reps)
+    res["dynamics_pass_ms"] = 1000 * _timeit(one_dynamics_pass, reps, dev)
+    res["decode_ms"] = 1000 * _timeit(decode, reps, dev)
     res["env_steps_per_s_batch1"] = 1000 / res["step_ms_batch1"]
     flops = step_flops(model, steps)
     res["gflop_per_step"] = flops / 1e9
@@ -151,6 +170,7 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
     for i in range(1, episode_steps + 1):
         t0 = time.perf_counter()
         session.step(a)
+        sync(dev)
         per_step.append(time.perf_counter() - t0)
         if i % max(1, episode_steps // 20) == 0 or i == 1:
             mem.append((i, rss_mb()))
@@ -165,6 +185,7 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
         for sess, out in ((fresh, at_10), (session, at_end)):
             t0 = time.perf_counter()
             sess.step(a)
+            sync(dev)
             out.append(time.perf_counter() - t0)
     res["step_ms_at_10"] = 1000 * statistics.median(at_10)
     res["step_ms_at_end"] = 1000 * statistics.median(at_end)
@@ -175,6 +196,8 @@ def run(model: Genie, steps: int, temperature: float | None, batch_sizes: list[i
     res["rss_mb_start"], res["rss_mb_end"] = mem[0][1], mem[-1][1]
     res["peak_rss_mb"] = max(m for _, m in mem)
     assert model.autocast_dtype == DTYPES[dtype], "the number format changed during the benchmark"
+    if dev.type == "cuda":
+        res["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     return res
 
 
@@ -193,7 +216,8 @@ def cpu_name() -> str:
 def print_table(res: dict) -> None:
     peak = res["matmul_peak_gflops"]["bf16" if res["dtype"] == "bfloat16" else "fp32"]
     rows = [
-        ("machine / threads / dtype", f"{res['machine']} / {res['threads']} / {res['dtype']}"),
+        ("machine / device / threads / dtype",
+         f"{res['machine']} / {res.get('device', 'cpu')} / {res['threads']} / {res['dtype']}"),
         ("cpu, native bf16", f"{res['cpu']}, {'yes' if res['native_bf16'] else 'no'}"),
         ("MaskGIT steps, temperature", f"{res['maskgit_steps']}, {res['temperature']}"),
         ("matmul peak fp32 / bf16", f"{res['matmul_peak_gflops']['fp32']:.3g} / "
@@ -225,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="number format of every figure (default: bf16 where the hardware runs it natively, else fp32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--batch-sizes", default="1,8,32,128")
     p.add_argument("--episode-steps", type=int, default=10000)
     p.add_argument("--reps", type=int, default=20)
@@ -232,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = Genie.from_pretrained(a.checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    model = Genie.from_pretrained(a.checkpoint, device=device)
     model.autocast_dtype = autocast_dtype(resolve_dtype(a.dtype, model.device))
     steps = a.maskgit_steps or model.config.maskgit_steps
     res = run(model, steps, a.temperature, [int(x) for x in a.batch_sizes.split(",")], a.episode_steps, a.reps,

@@ -24,6 +24,10 @@ TINY = dict(
 )
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""Every device present: tests of the device-agnostic paths run on each (CI has only a CPU)."""
+
+
 def tiny_config(**overrides) -> GenieConfig:
     return GenieConfig(**{**TINY, **overrides})
 

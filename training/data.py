@@ -225,15 +225,18 @@ class ClipSampler:
         self.cum = np.cumsum(starts)
         self.rng = np.random.default_rng([seed, rank])
 
-    def sample(self, batch: int) -> np.ndarray:
-        """(batch, T, H, W, 3) uint8."""
+    def draw(self, batch: int) -> list[tuple[int, int]]:
+        """The next ``batch`` clips as (video, start) pairs."""
         picks = self.rng.integers(0, self.cum[-1], size=batch)
         out = []
         for p in picks:
             j = int(np.searchsorted(self.cum, p, side="right"))
-            start = int(p - (self.cum[j - 1] if j else 0))
-            out.append(self.cache.clip(int(self.ids[j]), start, self.num_frames))
-        return np.stack(out)
+            out.append((int(self.ids[j]), int(p - (self.cum[j - 1] if j else 0))))
+        return out
+
+    def sample(self, batch: int) -> np.ndarray:
+        """(batch, T, H, W, 3) uint8."""
+        return np.stack([self.cache.clip(v, s, self.num_frames) for v, s in self.draw(batch)])
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}

@@ -30,7 +30,10 @@ CLIP = 16
 def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int = 128, clip_frames: int = CLIP,
                     log=print) -> dict:
     """Deterministic evaluation clips: {"frames": (N, 3, T, H, W) float, "groups": (N, T-1) str or None}."""
-    cache = FrameCache(data_dir, image_size, log=log)
+    from training.pretokenized import FrameFile, is_pretokenized
+
+    # a frames file (`training.pretokenize --frames-out`) serves where no video decoder is installed
+    cache = FrameFile(data_dir) if is_pretokenized(data_dir) else FrameCache(data_dir, image_size, log=log)
     usable = [i for i, e in enumerate(cache.videos) if e.frames >= clip_frames]
     if not usable:
         raise ValueError(f"no video in {data_dir} has {clip_frames} frames")
@@ -45,7 +48,7 @@ def load_eval_clips(data_dir: str | Path, image_size: int = 64, num_clips: int =
     have_groups = True
     for i, start in picks:
         frames.append(cache.clip(i, start, clip_frames))
-        meta = load_actions(data_dir, cache.videos[i].name)
+        meta = None if is_pretokenized(data_dir) else load_actions(data_dir, cache.videos[i].name)
         if meta and "action_groups" in meta:
             groups.append(meta["action_groups"][start : start + clip_frames - 1])
         else:
@@ -89,9 +92,10 @@ def tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> dict:
 @torch.no_grad()
 def action_metrics(model: Genie, x: torch.Tensor, groups: np.ndarray | None, bs: int = 16) -> dict:
     acts = torch.cat([model.infer_actions(x[sl]) for sl in _batches(x.shape[0], bs)])
-    res = {"latent_action_perplexity": perplexity(acts.numpy(), model.config.action_vocab_size), "_actions": acts}
+    host = acts.cpu().numpy()
+    res = {"latent_action_perplexity": perplexity(host, model.config.action_vocab_size), "_actions": acts}
     if groups is not None:
-        res["action_nmi"] = nmi(acts.numpy(), groups)
+        res["action_nmi"] = nmi(host, groups)
     return res
 
 
@@ -101,7 +105,7 @@ def rollout(model: Genie, x: torch.Tensor, actions: torch.Tensor, steps: int, se
     """Prompt with frame 0, generate ``steps`` frames under ``actions`` -> (N, 3, steps + 1, H, W)."""
     outs = []
     for k, sl in enumerate(_batches(x.shape[0], bs)):
-        g = torch.Generator().manual_seed(seed + k)
+        g = torch.Generator(device=model.device).manual_seed(seed + k)  # sampling draws on the model's device
         outs.append(model.generate(x[sl, :, 0], steps + 1, actions=actions[sl, :steps], generator=g,
                                    maskgit_steps=maskgit_steps, temperature=temperature))
     return torch.cat(outs)
@@ -132,7 +136,7 @@ def dynamics_metrics(model: Genie, x: torch.Tensor, actions: torch.Tensor, token
 
 def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None = None,
              temperature: float | None = None, dynamics: bool = True) -> dict:
-    x, groups = clips["frames"], clips["groups"]
+    x, groups = clips["frames"].to(model.device), clips["groups"]
     t0 = time.time()
     res = {"clips": int(x.shape[0])}
     tm = tokenizer_metrics(model, x)
@@ -153,7 +157,7 @@ def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None
 @torch.no_grad()
 def evaluate_stage(model: Genie, stage: str, clips: dict, samples_to: Path | None = None) -> dict:
     """Validation during training: the metrics that the stage can move."""
-    x = clips["frames"]
+    x = clips["frames"].to(model.device)
     if stage == "tokenizer":
         tm = tokenizer_metrics(model, x)
         if samples_to:
@@ -182,7 +186,7 @@ def save_strip(frames: torch.Tensor, path: Path, scale: int = 2) -> None:
     from PIL import Image
 
     rows, cols, _, h, w = frames.shape
-    grid = frames.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
+    grid = frames.detach().cpu().permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, 3)
     img = Image.fromarray((grid.clamp(0, 1) * 255).round().byte().numpy())
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -195,7 +199,7 @@ def save_gif(clips: torch.Tensor, path: Path, scale: int = 3, fps: int = 8) -> N
     from PIL import Image
 
     b, _, t, h, w = clips.shape
-    frames = clips.permute(2, 3, 0, 4, 1).reshape(t, h, b * w, 3)
+    frames = clips.detach().cpu().permute(2, 3, 0, 4, 1).reshape(t, h, b * w, 3)
     imgs = [Image.fromarray((f.clamp(0, 1) * 255).round().byte().numpy()).resize((b * w * scale, h * scale),
                                                                                  Image.NEAREST) for f in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="the same as --dtype bf16 (--no-bf16: --dtype fp32)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--strip", type=Path, default=None, help="save a rollout strip PNG here")
     p.add_argument("--outcome-max-inside", type=int, default=None,
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = Genie.from_pretrained(a.checkpoint)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    model = Genie.from_pretrained(a.checkpoint, device=device)
     if a.dtype is None and a.bf16 is not None:
         a.dtype = "bf16" if a.bf16 else "fp32"
     a.dtype = resolve_dtype(a.dtype, model.device)
@@ -253,12 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     res["threads"] = torch.get_num_threads()
     res["bf16"] = a.dtype == "bf16"
     res["dtype"] = a.dtype
+    res["device"] = str(model.device)
     res["checkpoint"] = str(a.checkpoint or "shipped default")
     res["data"] = str(a.data)
     gen = res.pop("_rollout", None)
     print_table(res)
     if a.strip is not None and gen is not None:
-        x = clips["frames"]
+        x = clips["frames"].to(gen.device)
         save_strip(torch.stack([x[:4], gen[:4]], 1).flatten(0, 1).transpose(1, 2), a.strip)
     if a.json:
         a.json.write_text(json.dumps(res, indent=2) + "\n")

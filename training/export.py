@@ -53,7 +53,7 @@ def infer_with_groups(model: Genie, val_data: Path, max_transitions: int = 20000
             continue
         for start in range(0, e.frames - clip + 1, clip):
             x = torch.from_numpy(np.array(cache.clip(i, start, clip))).permute(3, 0, 1, 2)[None].float() / 255
-            lat.append(model.infer_actions(x)[0].numpy())
+            lat.append(model.infer_actions(x)[0].cpu().numpy())
             grp.append(np.array(meta["action_groups"][start : start + clip - 1]))
             total += clip - 1
             if total >= max_transitions:

@@ -40,7 +40,8 @@ from genie_env import Genie, GenieConfig
 from genie_env.config import ConfigError
 from genie_env.hub import EXTRA_FILES, recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
-from training.data import ClipSampler, DatasetError, FrameCache, OutcomeSampler, to_tensor
+from training.data import DatasetError, FrameCache, OutcomeSampler
+from training.pretokenized import TokenFile, make_sampler, open_training_data, to_batch
 
 STAGES = ("tokenizer", "lam", "dynamics", "reward")
 # Fields a stage may override: training settings only, never the architecture.
@@ -60,7 +61,8 @@ class TrainArgs:
     config: Path
     """YAML config (GenieConfig fields + optional `stages:`)."""
     data: Path
-    """Dataset folder (DATA/videos/*.mp4)."""
+    """Dataset folder (DATA/videos/*.mp4), or a file from `python -m training.pretokenize`: a frames file
+    (any stage) or a tokens file (the dynamics stage, with cotrain_lam: false)."""
     out: Path
     """Run folder."""
     val_data: Path | None = None
@@ -182,12 +184,21 @@ class StageModule(nn.Module):
             params += list(g.latent_actions.parameters())
         return params
 
-    def forward(self, frames: torch.Tensor | dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, frames: torch.Tensor | dict | None = None, tokens: torch.Tensor | None = None,
+                actions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """frames (B, 3, T, H, W) in [0, 1] (for the reward stage: an `OutcomeSampler` or `FeaturePool`
+        batch); or, for the dynamics stage from a tokens file, tokens (B, T, n) and latent actions (B, T-1)
+        that the frozen tokenizer and latent action model gave for them."""
         g, cfg = self.genie, self.cfg
-        if self.stage == "reward":  # frames: an OutcomeSampler batch
+        if self.stage == "reward":
             from training.outcomes import compute_loss
 
             return compute_loss(g, frames, self.action_map, cfg.outcome_pos_weight)
+        if tokens is not None:
+            if self.stage != "dynamics" or self.cotrain_lam:
+                raise ValueError("tokens in place of frames train only the dynamics stage with cotrain_lam: false")
+            ce, m = g.dynamics.loss(tokens, actions)
+            return cfg.lambda_dynamics * ce, m
         if self.stage == "tokenizer":
             out = g.tokenizer(frames)
             return out.loss, {"recon_mse": out.recon_loss.detach(), "perplexity": out.perplexity.detach()}
@@ -411,8 +422,21 @@ class Trainer:
             wrapped = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        cache = FrameCache(args.data, cfg.image_size, log=self.log if self.is_main else (lambda *a: None))
+        quiet = lambda *a: None  # noqa: E731
+        cache = open_training_data(args.data, stage, cfg.image_size, log=self.log if self.is_main else quiet)
+        if isinstance(cache, TokenFile):
+            if extra["cotrain_lam"] and stage == "dynamics":
+                raise ConfigError(f"--data {args.data} holds tokens and inferred actions, no frames to co-train the "
+                                  "latent action model on: set stages.dynamics.cotrain_lam=false, or train from "
+                                  "the videos")
+            if stage == "reward":
+                raise ConfigError(f"--data {args.data} is a tokens file: the reward stage reads the dataset folder "
+                                  "(videos and their recorded outcomes)")
+            cache.check_model(genie, bf16=cfg.bf16, log=self.log if self.is_main else quiet)
         if stage == "reward":
+            if not isinstance(cache, FrameCache):
+                raise ConfigError(f"--data {args.data}: the reward stage reads the dataset folder (videos and "
+                                  "their recorded outcomes), not a frames file")
             sampler = OutcomeSampler(cache, cfg.outcome_end_fraction, seed=cfg.seed + STAGES.index(stage))
             if cfg.outcome_input == "tokens":  # the frozen model's part of the inputs, computed once
                 from training.outcomes import FeaturePool
@@ -425,8 +449,8 @@ class Trainer:
                 genie.outcomes.logit_offset.fill_(-math.log(cfg.outcome_pos_weight))
                 genie.outcomes.event_reward.fill_(sampler.mean_event_reward)
         else:
-            sampler = ClipSampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
-                                  world_size=self.world)
+            sampler = make_sampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
+                                   world_size=self.world)
         step = 0
         elapsed = 0.0
         if state is not None:
@@ -435,6 +459,8 @@ class Trainer:
             sampler.load_state_dict(state["sampler"][self.rank] if isinstance(state["sampler"], list)
                                     else state["sampler"])
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":  # the mask draws run there
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             step, elapsed = state["step"], state.get("elapsed", 0.0)
         else:
             torch.manual_seed(cfg.seed * 1000 + STAGES.index(stage) * 100 + self.rank)
@@ -463,11 +489,11 @@ class Trainer:
         saved = None
         while step < max_steps:
             if stage == "reward":
-                x = sampler.sample(cfg.batch_size, _reward_context(cfg, sampler.rng))
+                batch = {"frames": sampler.sample(cfg.batch_size, _reward_context(cfg, sampler.rng))}
             else:
-                x = to_tensor(sampler.sample(cfg.batch_size)).to(self.device, non_blocking=True)
+                batch = to_batch(sampler.sample(cfg.batch_size), self.device)
             with autocast:
-                loss, metrics = wrapped(x)
+                loss, metrics = wrapped(**batch)
             if not torch.isfinite(loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
                 raise FloatingPointError(
@@ -563,6 +589,7 @@ class Trainer:
             "stage": stage, "step": step, "elapsed": elapsed, "model": genie.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "sampler": samplers if self.world > 1 else samplers[0], "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "config": self.config.to_dict(), "extra_files": {k: str(v) for k, v in genie.extra_files.items()},
         }
         try:

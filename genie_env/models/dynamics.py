@@ -325,7 +325,7 @@ class DynamicsModel(nn.Module):
             age = cache.age[idx]
             age = torch.where(age > 0, age + 1, age)
             age[torch.arange(b, device=x.device), cache.ptr[idx]] = 1
-            age[age > cache.age.shape[1]] = 0
+            age.masked_fill_(age > cache.age.shape[1], 0)  # (no host sync: a CUDA graph can hold the step)
             cache.age[idx] = age
             cache.ptr[idx] = (cache.ptr[idx] + 1) % cache.age.shape[1]
             return None
