@@ -229,6 +229,17 @@ def test_feature_pool_holds_every_end_the_frames_before_and_weights_back(tmp_pat
     assert 0.4 < is_end.mean() < 0.6
     # importance weights restore the natural share of end transitions (2 of 29)
     assert (b["weight"] * is_end).sum() / b["weight"].sum() == pytest.approx(2 / 29, abs=0.01)
+    # written once, read back by a run that asks for the same pool; another pool is computed afresh
+    logs: list[str] = []
+    first = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=logs.append,
+                        cache=tmp_path / "pool.pt")
+    again = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=logs.append,
+                        cache=tmp_path / "pool.pt")
+    assert "read from" in logs[1] and torch.equal(first.tokens, again.tokens)
+    assert np.array_equal(first.weight, again.weight) and np.array_equal(first.is_end, again.is_end)
+    other = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=1, batch_size=4, log=logs.append,
+                        cache=tmp_path / "pool.pt")
+    assert "computed once" in logs[2] and len(other.tokens) == 2 + 2 + 5
 
 
 def test_best_thresholds_pick_the_best_f1():

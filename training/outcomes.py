@@ -70,11 +70,21 @@ class FeaturePool:
     """
 
     def __init__(self, genie: Genie, sampler: OutcomeSampler, action_map: dict[str, int], inside: int = 16384,
-                 near: int = 8, batch_size: int = 128, seed: int = 0, log=print) -> None:
+                 near: int = 8, batch_size: int = 128, seed: int = 0, log=print, cache: Path | None = None) -> None:
         if genie.config.outcome_input != "tokens":
             raise ValueError("FeaturePool holds tokens: it needs outcome_input 'tokens'")
         rng = np.random.default_rng([seed, 11])
         self.sampler, self.end_fraction = sampler, sampler.end_fraction
+        self.rng = np.random.default_rng([seed, 13])
+        key = {"videos": [(v.name, v.frames) for v in sampler.cache.videos], "inside": inside, "near": near,
+               "seed": seed, "frozen": _frozen_hash(genie), "action_map": sorted(action_map.items())}
+        if cache is not None and Path(cache).is_file():
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            if saved["key"] == json.dumps(key):
+                self.tokens, self.actions, self.events = saved["tokens"], saved["actions"], saved["events"]
+                self.weight, self.is_end = saved["weight"].numpy(), saved["is_end"].numpy()
+                log(f"stage reward: inputs of {len(self.tokens)} transitions read from {cache}")
+                return
         n_inside = int(sampler.cum[-1])
         ends = np.arange(n_inside, sampler.num_transitions)
         near_set: set[int] = set()
@@ -104,9 +114,14 @@ class FeaturePool:
                 acts.append(a.cpu())
                 events.append(torch.from_numpy(batch["events"]))
         self.tokens, self.actions, self.events = torch.cat(toks), torch.cat(acts), torch.cat(events)
-        self.rng = np.random.default_rng([seed, 13])
         log(f"stage reward: inputs of {len(picks)} transitions computed once ({len(ends)} ends, {len(near_idx)} "
             f"just before them, {len(far_idx)} others) in {time.time() - t0:.0f} s")
+        if cache is not None:  # a resumed or repeated run reads them back (atomically written)
+            from training.checkpoint import atomic_save
+
+            atomic_save({"key": json.dumps(key), "tokens": self.tokens, "actions": self.actions,
+                         "events": self.events, "weight": torch.from_numpy(self.weight),
+                         "is_end": torch.from_numpy(self.is_end)}, Path(cache))
 
     def sample(self, batch: int, k: int = 0) -> dict:  # noqa: ARG002 - k: the context, fixed by the pool
         """A batch: inputs, events and importance weights (natural share / sampled share of each draw)."""
@@ -134,6 +149,18 @@ class FeaturePool:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+def _frozen_hash(genie: Genie) -> str:
+    """A fingerprint of the frozen parts the pool's inputs come from (tokenizer, latent action model)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted(genie.state_dict().items()):
+        if name.startswith(("tokenizer.", "latent_actions.")):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def precision_recall(pred: np.ndarray, true: np.ndarray, weight: np.ndarray | None = None) -> dict[str, float]:

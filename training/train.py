@@ -441,7 +441,8 @@ class Trainer:
             if cfg.outcome_input == "tokens":  # the frozen model's part of the inputs, computed once
                 from training.outcomes import FeaturePool
 
-                sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log)
+                sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log,
+                                      cache=sdir / "feature_pool.pt")
                 genie.train()
             self.log(f"stage reward: {sampler.event_counts()} in {args.data}")
             if state is None:
