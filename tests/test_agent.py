@@ -147,3 +147,15 @@ def test_dream_episodes_end_where_the_heads_say(tmp_path):
     assert [float(r["terminations_per_1000"]) for r in rows] == [1000.0, 1000.0]
     assert [float(r["rewards_per_1000"]) for r in rows] == [1000.0, 1000.0]
     assert all(float(r["mean_return"]) == 10.0 and float(r["mean_length"]) == 1.0 for r in rows)
+
+
+def test_codec_view_shows_frames_as_the_tokenizer_rebuilds_them(tiny):
+    from training.evaluate_agent import codec_view
+
+    obs = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    seen = codec_view(tiny)(obs)
+    assert seen.shape == obs.shape and seen.dtype == np.uint8
+    x = torch.from_numpy(obs).permute(0, 3, 1, 2).float().div(255)[:, :, None]
+    with torch.no_grad():
+        want = tiny.detokenize(tiny.tokenize(x))[:, :, 0].clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
+    assert np.array_equal(seen, want.numpy()) and not np.array_equal(seen, obs)

@@ -103,8 +103,22 @@ def summarize(results: list[dict]) -> dict:
             "mean_length": float(np.mean([x["length"] for x in results]))}
 
 
+def codec_view(model) -> callable:
+    """Frames -> the same frames as the world model's tokenizer rebuilds them (what dream frames look like)."""
+
+    @torch.no_grad()
+    def view(obs: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(obs).to(model.device).permute(0, 3, 1, 2).float().div(255)
+        y = model.detokenize(model.tokenize(x[:, :, None]))[:, :, 0]
+        return (y.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    return view
+
+
 def evaluate(agent: DreamAgent, start_level: int, num_levels: int, seed: int = 0, game: str = "coinrun",
-             distribution_mode: str = "hard", deterministic: bool = False, batch: int = 16, log=print) -> dict:
+             distribution_mode: str = "hard", deterministic: bool = False, batch: int = 16, log=print,
+             view=None) -> dict:
+    """Metric 9. ``view``: what the agent sees of a real frame (default: the frame itself)."""
     levels = list(range(start_level, start_level + num_levels))
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -113,7 +127,7 @@ def evaluate(agent: DreamAgent, start_level: int, num_levels: int, seed: int = 0
     def agent_policy(obs, combos):
         if not mapping:
             mapping.update(real_actions_for(agent, combos))
-        latent = agent.act(obs, deterministic=deterministic, generator=gen)
+        latent = agent.act(obs if view is None else view(obs), deterministic=deterministic, generator=gen)
         return np.array([mapping[int(a)] for a in latent])
 
     def random_policy(obs, combos):
@@ -146,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of both policies' action draws")
     p.add_argument("--deterministic", action="store_true", help="the agent takes its most likely action")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--codec", default=None, metavar="CHECKPOINT",
+                   help="show the agent each real frame as this world model's tokenizer rebuilds it (as dream "
+                        "frames look); 'shipped' for the shipped model")
     p.add_argument("--json", type=Path, default=None, help="write the figures (and per-level results) here")
     a = p.parse_args(argv)
     if a.num_levels < 1:
@@ -155,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         agent = load_agent(a.agent)
-        res = evaluate(agent, a.start_level, a.num_levels, a.seed, a.game, a.distribution_mode, a.deterministic)
+        view = None
+        if a.codec is not None:
+            from genie_env import Genie
+
+            view = codec_view(Genie.from_pretrained(None if a.codec == "shipped" else a.codec).eval())
+        res = evaluate(agent, a.start_level, a.num_levels, a.seed, a.game, a.distribution_mode, a.deterministic,
+                       view=view)
+        res["codec"] = a.codec
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
