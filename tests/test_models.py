@@ -405,9 +405,9 @@ def test_every_maskgit_step_reveals_a_token(tiny, steps):
     seen = []
     step = dyn.step
 
-    def counting(cache, tokens, action, rows=None, commit=False):
+    def counting(cache, tokens, action, **kwargs):
         seen.append(int((tokens == dyn.mask_id).sum(1).max()))
-        return step(cache, tokens, action, rows=rows, commit=commit)
+        return step(cache, tokens, action, **kwargs)
 
     dyn.step = counting
     out = dyn.sample_frame(cache, torch.zeros(2, dtype=torch.long), steps,
