@@ -25,24 +25,12 @@ import torch
 
 from genie_env.agent import DreamAgent, load_agent
 
-# The game's buttons for each key group of an action map (procgen button names).
-GROUP_BUTTONS = {"LEFT": ("LEFT",), "RIGHT": ("RIGHT",), "UP": ("UP",), "NONE": (),
-                 "LEFT+UP": ("LEFT", "UP"), "RIGHT+UP": ("RIGHT", "UP"), "DOWN": ("DOWN",)}
-
-
 def real_actions_for(agent: DreamAgent, combos: list[tuple[str, ...]]) -> dict[int, int]:
     """latent action -> index of the game's button combo, through the agent's action names (key groups)."""
-    index = {tuple(sorted(c)): i for i, c in enumerate(combos)}
-    out = {}
-    for latent, name in zip(agent.config.actions, agent.config.action_names):
-        if name not in GROUP_BUTTONS:
-            raise ValueError(f"the agent's action {latent} is named {name!r}, which has no real key; "
-                             f"known key groups: {', '.join(GROUP_BUTTONS)}")
-        buttons = tuple(sorted(GROUP_BUTTONS[name]))
-        if buttons not in index:
-            raise ValueError(f"the game has no button combo {buttons} for key group {name!r}")
-        out[int(latent)] = index[buttons]
-    return out
+    from training.keydriven import combo_index
+
+    return {int(latent): combo_index(combos, name) for latent, name in zip(agent.config.actions,
+                                                                          agent.config.action_names)}
 
 
 def _make_env(game: str, level: int, distribution_mode: str):
