@@ -25,6 +25,7 @@ import torch
 
 from genie_env.agent import DreamAgent, load_agent
 
+
 def real_actions_for(agent: DreamAgent, combos: list[tuple[str, ...]]) -> dict[int, int]:
     """latent action -> index of the game's button combo, through the agent's action names (key groups)."""
     from training.keydriven import combo_index
