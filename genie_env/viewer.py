@@ -169,6 +169,12 @@ class Viewer:
         """The one-time message when the model cannot keep up with the display rate."""
         self.actions: list[int] = []
         """Every latent action played, in order."""
+        self.score = 0.0
+        """Reward collected in the current episode (the model's reward head; 0 without one)."""
+        self.episodes_ended = 0
+        """Episodes the model ended (its episode-end head): each restarts from a new real frame."""
+        self.last_end: str | None = None
+        """How the last episode ended, shown on the status line until the next one ends."""
         self.label = NONE
         self.obs, _ = env.reset(seed=seed, options=self.options)
         self._record(self.obs)
@@ -206,22 +212,33 @@ class Viewer:
         if self.keys.restart:
             self.keys.restart = False
             self.obs, _ = self.env.reset(options=self.options)
+            self.score = 0.0
             self._record(self.obs)
         elif not self.keys.paused or self.autopilot is not None:  # pausing a headless run would never end
             action, self.label = self.choose_action()
             t0 = time.perf_counter()
-            self.obs, *_ = self.env.step(action)
+            self.obs, reward, terminated, _, _ = self.env.step(action)
             self.step_seconds.append(time.perf_counter() - t0)
             self._check_speed()
             self.actions.append(action)
+            self.score += float(reward)
             self._record(self.obs)
+            if terminated:  # the game would end here (coin or death): show it, then start a new episode
+                self.episodes_ended += 1
+                self.last_end = f"episode over, score {self.score:g}"
+                self.draw()
+                self.obs, _ = self.env.reset(options=self.options)
+                self.score = 0.0
+                self._record(self.obs)
         self.draw()
         self.clock.tick(self.fps if self.autopilot is None else 0)
         return True
 
     def status(self) -> str:
         paused = "  PAUSED" if self.keys.paused and self.autopilot is None else ""
-        return f"{self.label}  {self.clock.get_fps():4.1f} fps  step {self.steps}{paused}"
+        ended = f"  ({self.last_end})" if self.last_end else ""
+        return (f"{self.label}  {self.clock.get_fps():4.1f} fps  step {self.steps}  score {self.score:g}"
+                f"{ended}{paused}")
 
     def model_fps(self) -> float | None:
         """Frames per second the model sustains (median of the steps after the first), None before any."""

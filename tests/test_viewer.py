@@ -287,3 +287,30 @@ def test_record_rollout_example(ckpt, tmp_path):
                           "--actions", "JUMP", "--out", str(tmp_path / "b.mp4")],
                          capture_output=True, text=True, timeout=120, env=QUIET)
     assert bad.returncode != 0 and "JUMP" in bad.stderr
+
+
+def test_viewer_keeps_score_and_restarts_when_the_model_ends_an_episode(tmp_path, dummy_video):
+    from test_outcomes import force_heads
+
+    from genie_env import Genie
+
+    model = force_heads(Genie.from_pretrained(write_tiny_checkpoint(tmp_path / "c", outcome_input="tokens")))
+    viewer = Viewer(GenieEnv(model=model), scale=2, seed=0)
+    starts = []
+    reset = viewer.env.reset
+
+    def counting_reset(**kwargs):
+        starts.append(1)
+        return reset(**kwargs)
+
+    viewer.env.reset = counting_reset
+    for _ in range(3):
+        assert viewer.tick()
+    # every step collects the coin and ends the episode: three episodes, each restarted from a new frame
+    assert viewer.episodes_ended == 3 and len(starts) == 3 and viewer.score == 0.0
+    assert "episode over, score 10" in viewer.status()
+    never = force_heads(Genie.from_pretrained(tmp_path / "c"), fire=False)
+    quiet = Viewer(GenieEnv(model=never), scale=2, seed=0)
+    for _ in range(3):
+        quiet.tick()
+    assert quiet.episodes_ended == 0 and "score 0" in quiet.status() and "episode over" not in quiet.status()
