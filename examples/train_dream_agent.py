@@ -24,33 +24,40 @@ import sys
 from pathlib import Path
 
 
-def plot_curve(metrics_csv: Path, out_png: Path) -> None:
-    """Two panels (dream return of finished episodes, reward events per 1,000 steps) against env steps,
-    drawn with Pillow so that no plotting library is needed."""
+def plot_curve(metrics_csv: Path, out_png: Path, window: int = 10) -> None:
+    """Panels against env steps (dream return of the episodes that ended, reward events per 1,000 dream
+    steps, policy entropy): each update in grey, its moving average over ``window`` updates in blue. Drawn
+    with Pillow, so that no plotting library is needed."""
     from PIL import Image, ImageDraw
 
     rows = list(csv.DictReader(open(metrics_csv)))
     steps = [float(r["step"]) for r in rows]
     panels = [("dream return (finished episodes)", [float(r["mean_return"]) for r in rows]),
-              ("reward events per 1,000 dream steps", [float(r["rewards_per_1000"]) for r in rows])]
-    w, h, pad = 640, 220, 40
+              ("reward events per 1,000 dream steps", [float(r["rewards_per_1000"]) for r in rows]),
+              ("policy entropy (nats)", [float(r["entropy"]) for r in rows])]
+    w, h, pad = 640, 200, 40
     img = Image.new("RGB", (w, h * len(panels)), "white")
     d = ImageDraw.Draw(img)
     for k, (title, ys) in enumerate(panels):
         top = k * h
         good = [(x, y) for x, y in zip(steps, ys) if not math.isnan(y)]
-        d.text((pad, top + 5), title, fill="black")
+        d.text((pad, top + 5), f"{title}; blue: mean of {window} updates", fill="black")
         d.rectangle([pad, top + 20, w - 10, top + h - pad + 10], outline="black")
         if len(good) < 2:
             continue
         x0, x1 = min(steps), max(steps)
         y0, y1 = min(y for _, y in good), max(y for _, y in good)
         y1 = y1 if y1 > y0 else y0 + 1
-        pts = [(pad + (x - x0) / max(1e-9, x1 - x0) * (w - 10 - pad),
-                top + h - pad + 10 - (y - y0) / (y1 - y0) * (h - pad - 30)) for x, y in good]
-        d.line(pts, fill="navy", width=2)
+        avg = []
+        for i in range(len(good)):
+            part = good[max(0, i - window + 1): i + 1]
+            avg.append((good[i][0], sum(y for _, y in part) / len(part)))
+        for series, colour, width in ((good, (170, 170, 170), 1), (avg, (20, 40, 160), 3)):
+            pts = [(pad + (x - x0) / max(1e-9, x1 - x0) * (w - 10 - pad),
+                    top + h - pad + 10 - (y - y0) / (y1 - y0) * (h - pad - 30)) for x, y in series]
+            d.line(pts, fill=colour, width=width)
         d.text((pad, top + h - pad + 14), f"{x0:.0f}", fill="black")
-        d.text((w - 70, top + h - pad + 14), f"{x1:.0f} steps", fill="black")
+        d.text((w - 90, top + h - pad + 14), f"{x1:.0f} steps", fill="black")
         d.text((2, top + 20), f"{y1:.2f}", fill="black")
         d.text((2, top + h - pad), f"{y0:.2f}", fill="black")
     img.save(out_png)

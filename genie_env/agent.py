@@ -134,6 +134,7 @@ class DreamAgent(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (AGENT_WEIGHTS + ".part")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.chmod(0o644)  # written private; a shipped agent is an ordinary file
         tmp.replace(folder / AGENT_WEIGHTS)
         tmp = folder / (AGENT_CONFIG + ".part")
         tmp.write_text(json.dumps(asdict(self.config), indent=1))
