@@ -159,3 +159,14 @@ def test_codec_view_shows_frames_as_the_tokenizer_rebuilds_them(tiny):
     with torch.no_grad():
         want = tiny.detokenize(tiny.tokenize(x))[:, :, 0].clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1)
     assert np.array_equal(seen, want.numpy()) and not np.array_equal(seen, obs)
+
+
+def test_the_shipped_agent_loads_and_acts_through_the_shipped_action_map():
+    from genie_env.hub import default_weights_dir
+
+    agent = load_agent()
+    amap = json.loads((default_weights_dir() / "action_map.json").read_text())
+    assert {amap[name] for name in agent.config.action_names} == set(agent.config.actions)
+    assert all(amap[name] == a for name, a in zip(agent.config.action_names, agent.config.actions))
+    obs = np.zeros((2, 64, 64, 3), np.uint8)
+    assert set(agent.act(obs).tolist()) <= set(agent.config.actions)
