@@ -194,3 +194,12 @@ def test_writers_refuse_mismatched_sizes(made, tmp_path):
     assert write_frames_file(cache, tmp_path / "f.safetensors").is_file()
     r = run("-m", "training.pretokenize", "--data", str(data), check=False)
     assert r.returncode != 0 and "nothing to write" in r.stderr
+
+
+def test_the_reward_stage_reads_a_dataset_folder_not_a_file(made):
+    tmp, _, _, _ = made
+    cfg = tiny_train_config(tmp / "c4.yaml")
+    for name, what in (("d.tokens.safetensors", "is a tokens file"), ("d.frames.safetensors", "not a frames file")):
+        r = train(cfg, tmp / name, tmp / f"rw-{name}", "--stage", "reward", "--init-from", str(tmp / "release"),
+                  "outcome_input=tokens", check=False)
+        assert r.returncode == 2 and what in r.stderr and "dataset folder" in r.stderr, r.stderr
