@@ -185,6 +185,19 @@ def frames_to_images(frames: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy().copy()
 
 
+def predicted_outcomes(model: Genie, session: GenieSession) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """What the model's reward / episode-end heads said of the session's last step: rewards (B,) float64,
+    terminated (B,) bool and the probabilities (B, 2), copied to the host in one transfer; None without
+    heads."""
+    probs = session.last_outcomes
+    if probs is None:
+        return None
+    assert model.outcomes is not None
+    rewards, ends = model.outcomes.decide(probs)
+    host = torch.cat([rewards[:, None], ends[:, None].float(), probs.float()], dim=1).cpu().numpy()
+    return host[:, 0].astype(np.float64), host[:, 1] > 0, host[:, 2:].astype(np.float64)
+
+
 def seeded_generator(rng: np.random.Generator, device: torch.device) -> torch.Generator:
     """A torch generator seeded from ``rng``: MaskGIT's draws then follow the env's seed (check_env)."""
     gen = torch.Generator(device=device)
@@ -334,12 +347,10 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
         prev, self._obs = self._obs, frames_to_images(frame)[0]
         self._steps += 1
         reward, terminated = 0.0, False
-        probs = self._session.last_outcomes
-        if probs is not None:
-            assert self.model.outcomes is not None
-            rewards, ends = self.model.outcomes.decide(probs)
-            reward, terminated = float(rewards[0]), bool(ends[0])
-            self._probs = probs[0].tolist()
+        outcomes = predicted_outcomes(self.model, self._session)
+        if outcomes is not None:
+            reward, terminated = float(outcomes[0][0]), bool(outcomes[1][0])
+            self._probs = outcomes[2][0].tolist()
         if self.reward_fn is not None:
             reward = call_reward_fn(self.reward_fn, prev.copy(), a, self._obs.copy())
         if self.render_mode == "human":

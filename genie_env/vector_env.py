@@ -32,6 +32,7 @@ from genie_env.env import (
     load_action_map,
     load_model,
     load_prompt_bank,
+    predicted_outcomes,
     seeded_generator,
 )
 from genie_env.models.genie import Genie, GenieSession
@@ -161,12 +162,9 @@ class GenieVectorEnv(VectorEnv):
         self._steps += 1
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=np.bool_)
-        probs = self.session.last_outcomes
-        if probs is not None:
-            assert self.model.outcomes is not None
-            r, t = self.model.outcomes.decide(probs)
-            rewards[:], terminated[:] = r.cpu().numpy(), t.cpu().numpy()
-            self._probs = probs.float().cpu().numpy().astype(np.float64)
+        outcomes = predicted_outcomes(self.model, self.session)
+        if outcomes is not None:
+            rewards[:], terminated[:], self._probs = outcomes
         if self.reward_fn is not None:
             for i in np.flatnonzero(~self._prev_done):
                 rewards[i] = call_reward_fn(self.reward_fn, prev[i].copy(), int(acts[i]), obs[i].copy())
