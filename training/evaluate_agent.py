@@ -35,13 +35,10 @@ def real_actions_for(agent: DreamAgent, combos: list[tuple[str, ...]]) -> dict[i
 
 
 def _make_env(game: str, level: int, distribution_mode: str):
-    import warnings
+    from training.record import _import_procgen  # with the message that says how to install it
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from procgen import ProcgenGym3Env
-    return ProcgenGym3Env(num=1, env_name=game, start_level=level, num_levels=1,
-                          distribution_mode=distribution_mode, rand_seed=level)
+    return _import_procgen()(num=1, env_name=game, start_level=level, num_levels=1,
+                             distribution_mode=distribution_mode, rand_seed=level)
 
 
 def play_levels(policy, levels: list[int], game: str = "coinrun", distribution_mode: str = "hard",
