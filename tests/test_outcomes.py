@@ -17,7 +17,7 @@ from test_training import run
 
 from genie_env import Genie, GenieEnv, GenieVectorEnv
 from training.data import FrameCache, OutcomeSampler
-from training.outcomes import FeaturePool, best_thresholds, dream_event_rates, precision_recall
+from training.outcomes import FeaturePool, Strata, best_thresholds, dream_event_rates, precision_recall
 
 
 def force_heads(model: Genie, reward: float = 10.0, fire: bool = True) -> Genie:
@@ -166,9 +166,9 @@ def test_vector_env_reward_fn_overrides_and_seed_determinism(tmp_path):
     assert (r == 2.0).all() and term.all()
 
 
-def _outcome_videos(folder, n=3, frames=10):
+def _outcome_videos(folder, n=3, frames=10, episode_ends=0):
     """Videos whose frame i has brightness 10 * i + video; episode ends with a coin (video 0), a death
-    (video 1) or none (cut, video 2)."""
+    (video 1) or none (cut, video 2). ``episode_ends``: marked as a recording of episode endings only."""
     from training.video import write_video
 
     vdir = folder / "videos"
@@ -183,6 +183,8 @@ def _outcome_videos(folder, n=3, frames=10):
                 "terminated": [False] * (frames - 1), "end": ends[v % 3]}
         if v == 2:
             meta["rewards"][4] = 1.0  # a reward inside a video, on the transition 4 -> 5
+        if episode_ends:
+            meta["episode_ends"] = episode_ends
         (vdir / f"video_{v:03d}.json").write_text(json.dumps(meta))
     return folder
 
@@ -240,6 +242,34 @@ def test_feature_pool_holds_every_end_the_frames_before_and_weights_back(tmp_pat
     other = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=1, batch_size=4, log=logs.append,
                         cache=tmp_path / "pool.pt")
     assert "computed once" in logs[2] and len(other.tokens) == 2 + 2 + 5
+
+
+def test_episode_ends_recordings_join_the_pool_with_weights_that_keep_the_game_s_distribution(tmp_path):
+    full = OutcomeSampler(FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None), end_fraction=0.5)
+    # an episode-ends recording of 6 videos: 4 more ends (2 coins, 2 deaths) and 4 x 2 more near transitions
+    ends = OutcomeSampler(FrameCache(_outcome_videos(tmp_path / "e", n=6, frames=6, episode_ends=6), 16,
+                                     log=lambda *a: None))
+    assert full.natural and not ends.natural
+    strata = Strata([full, ends], inside=5, near=2, rng=np.random.default_rng(0))
+    assert strata.counts == {"ends": 2 + 4, "near": 4 + 8, "others": 5}
+    w, is_end = strata.weight, strata.is_end
+    # each stratum weighs what the full recording holds: 2 ends, 4 near, 23 others
+    assert w[is_end].sum() == pytest.approx(2)
+    assert w[~is_end].sum() == pytest.approx(4 + 23)
+    # its ends (after its 30 inside transitions), then 2 before each end of videos 0, 1, 3, 4; no others
+    assert strata.picks[1][1].tolist() == [30, 31, 32, 33] + [3, 4, 8, 9, 18, 19, 23, 24]
+    model = tiny_model(outcome_input="tokens")
+    pool = FeaturePool(model, full, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=lambda *a: None,
+                       extra=[ends])
+    assert len(pool.tokens) == len(strata) and pool.is_end.sum() == 6 and pool.events[pool.is_end].sum() == 6 + 3  # 6 deaths or coins, 3 coins
+    assert pool.event_counts()["terminations"] == 2 + 4
+    b = pool.sample(4000)
+    is_end = b["events"][:, 1] > 0
+    assert 0.4 < is_end.mean() < 0.6
+    # importance weights restore the full recording's share of end transitions (2 of 29)
+    assert (b["weight"] * is_end).sum() / b["weight"].sum() == pytest.approx(2 / 29, abs=0.01)
+    with pytest.raises(ValueError, match="add a full"):
+        Strata([ends], inside=5, near=2, rng=np.random.default_rng(0))
 
 
 def test_best_thresholds_pick_the_best_f1():

@@ -138,6 +138,27 @@ def test_record_stores_rewards_and_episode_ends(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")
+def test_record_episode_ends_keeps_the_last_frames_of_each_ended_episode(tmp_path):
+    from training.video import read_video
+
+    common = ["--num-envs", "2", "--num-levels", "5", "--hold", "8", "--seed", "1"]
+    run("-m", "training.record", "--frames", "2500", *common, "--out", str(tmp_path / "full"))
+    run("-m", "training.record", "--frames", "400", "--episode-ends", "6", *common, "--out", str(tmp_path / "ends"))
+    assert json.loads((tmp_path / "ends" / "dataset.json").read_text())["episode_ends"] == 6
+    full = [p for p in sorted((tmp_path / "full" / "videos").glob("*.json")) if json.loads(p.read_text())["end"]]
+    ends = sorted((tmp_path / "ends" / "videos").glob("*.json"))
+    assert len(full) >= 5 and len(ends) >= 5
+    # the same games: the k-th ended episode's last 6 frames, actions, rewards and end, nothing else
+    for f, e in zip(full[:5], ends[:5]):
+        mf, me = json.loads(f.read_text()), json.loads(e.read_text())
+        n = min(6, mf["num_frames"])
+        assert me["num_frames"] == n and me["episode_ends"] == 6 and me["end"] == mf["end"]
+        assert me["actions"] == mf["actions"][len(mf["actions"]) - (n - 1):]
+        assert me["rewards"] == mf["rewards"][len(mf["rewards"]) - (n - 1):]
+        np.testing.assert_array_equal(read_video(e.with_suffix(".mp4")), read_video(f.with_suffix(".mp4"))[-n:])
+
+
+@pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")
 def test_record_tells_the_time_limit_from_a_termination(tmp_path):
     # seed 5 on 3 levels: within 6,000 frames two episodes run into procgen's 1,000-step limit
     run("-m", "training.record", "--frames", "6000", "--num-envs", "2", "--num-levels", "3", "--seed", "5",

@@ -291,8 +291,13 @@ class OutcomeSampler:
         counts, events, end_video, end_group, end_events = [], [], [], [], []
         pos_rewards: list[float] = []
         missing = 0
+        self.natural = True
+        """False for a recording of episode endings only (``training.record --episode-ends``): its frames are
+        not the game's distribution, only its ends and the frames just before them are used."""
         for v, e in enumerate(cache.videos):
             meta = load_actions(cache.data_dir, e.name)
+            if meta is not None and meta.get("episode_ends"):
+                self.natural = False
             if meta is None or "rewards" not in meta:
                 missing += 1
                 counts.append(0)

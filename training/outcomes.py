@@ -23,7 +23,7 @@ from genie_env import Genie
 from genie_env.models.outcomes import EVENTS
 from training.data import FrameCache, OutcomeSampler, to_tensor
 
-__all__ = ["batch_inputs", "compute_loss", "precision_recall", "real_transition_metrics",
+__all__ = ["Strata", "batch_inputs", "compute_loss", "precision_recall", "real_transition_metrics",
            "dream_event_rates", "real_event_rates"]
 
 
@@ -57,12 +57,67 @@ def compute_loss(genie: Genie, batch: dict, action_map: dict[str, int], pos_weig
                                torch.from_numpy(batch["weight"]).to(dev), pos_weight)
 
 
+class Strata:
+    """Which transitions of one or more recordings the reward stage and metric 8 look at, and how many
+    transitions of the game each stands for: every end transition (where every recorded event sits), the
+    ``near`` transitions before each end inside its video (frames that look almost the same: the hard
+    negatives) and ``inside`` other transitions drawn uniformly (all of them when ``inside`` is None).
+
+    Recordings made with ``training.record --episode-ends N`` add ends and near transitions only: their
+    frames are not the game's distribution. The weights make the union stand for the full recordings: each
+    end counts ``ends in full recordings / ends in all`` transitions, each near one likewise, each drawn
+    other ``others / drawn``. ``picks`` is a list of (source, transition numbers) in the order of ``weight``
+    and ``is_end``.
+    """
+
+    def __init__(self, sources: list[OutcomeSampler], inside: int | None, near: int, rng: np.random.Generator
+                 ) -> None:
+        natural = [s.natural for s in sources]
+        if not any(natural):
+            raise ValueError("every recording given holds episode endings only (--episode-ends): add a full "
+                             "recording (training.record without --episode-ends), whose frames are the game's")
+        ends, nears, fars = [], [], []
+        for s in sources:
+            n_inside = int(s.cum[-1])
+            ends.append(np.arange(n_inside, s.num_transitions))
+            near_set: set[int] = set()
+            for v in s.end_video:  # the last `near` transitions inside each video that ends an episode
+                last = int(s.cum[v])  # one past this video's last inside transition
+                near_set.update(range(max(int(s.cum[v - 1]) if v else 0, last - near), last))
+            nears.append(np.array(sorted(near_set), dtype=np.int64))
+            far_mask = np.zeros(n_inside, dtype=bool) if not s.natural else np.ones(n_inside, dtype=bool)
+            far_mask[nears[-1]] = False
+            fars.append(np.flatnonzero(far_mask))
+        count = lambda xs, only_natural: sum(len(x) for x, n in zip(xs, natural) if n or not only_natural)  # noqa: E731
+        w_end = count(ends, True) / max(1, count(ends, False))
+        w_near = count(nears, True) / max(1, count(nears, False))
+        n_far = count(fars, False)
+        take = n_far if inside is None else min(inside, n_far)
+        drawn = np.sort(rng.choice(n_far, take, replace=False)) if take < n_far else np.arange(n_far)
+        bounds = np.cumsum([0] + [len(f) for f in fars])
+        w_far = n_far / max(1, take)
+        self.picks: list[tuple[int, np.ndarray]] = []
+        weight, is_end = [], []
+        for i in range(len(sources)):
+            far = fars[i][drawn[(drawn >= bounds[i]) & (drawn < bounds[i + 1])] - bounds[i]]
+            idx = np.concatenate([ends[i], nears[i], far]).astype(np.int64)
+            self.picks.append((i, idx))
+            weight.append(np.concatenate([np.full(len(ends[i]), w_end), np.full(len(nears[i]), w_near),
+                                          np.full(len(far), w_far)]))
+            is_end.append(np.arange(len(idx)) < len(ends[i]))
+        self.weight = np.concatenate(weight).astype(np.float32)
+        self.is_end = np.concatenate(is_end)
+        self.counts = {"ends": count(ends, False), "near": count(nears, False), "others": int(take)}
+
+    def __len__(self) -> int:
+        return len(self.weight)
+
+
 class FeaturePool:
     """The reward stage's data with the frozen model's work done once: what the heads read (tokens of frame t
-    and the inferred latent action a_t) for a fixed pool of transitions: every end transition (where every
-    recorded event sits), the ``near`` transitions before each end (frames that look almost the same: the
-    hard negatives) and ``inside`` other transitions drawn uniformly. ``weight`` makes each stratum count as
-    many transitions as it stands for, so that the pool's weighted distribution is the recording's.
+    and the inferred latent action a_t) for the transitions of `Strata` (every end, the ``near`` before each,
+    ``inside`` others; ``extra`` episode-ends recordings add their ends and near transitions), with weights
+    that make the pool's weighted distribution the recording's.
 
     A batch is ``end_fraction`` end transitions, the rest drawn from the other strata; its weights turn it
     back into the recording's distribution (importance weights), as `OutcomeSampler`'s do. Only the
@@ -70,14 +125,19 @@ class FeaturePool:
     """
 
     def __init__(self, genie: Genie, sampler: OutcomeSampler, action_map: dict[str, int], inside: int = 16384,
-                 near: int = 8, batch_size: int = 128, seed: int = 0, log=print, cache: Path | None = None) -> None:
+                 near: int = 8, batch_size: int = 128, seed: int = 0, log=print, cache: Path | None = None,
+                 extra: list[OutcomeSampler] = ()) -> None:
         if genie.config.outcome_input != "tokens":
             raise ValueError("FeaturePool holds tokens: it needs outcome_input 'tokens'")
         rng = np.random.default_rng([seed, 11])
+        sources = [sampler, *extra]
         self.sampler, self.end_fraction = sampler, sampler.end_fraction
+        self.sources = sources
         self.rng = np.random.default_rng([seed, 13])
         key = {"videos": [(v.name, v.frames) for v in sampler.cache.videos], "inside": inside, "near": near,
                "seed": seed, "frozen": _frozen_hash(genie), "action_map": sorted(action_map.items())}
+        if extra:
+            key["extra"] = [[str(s.cache.data_dir), len(s.cache.videos), s.num_transitions] for s in extra]
         if cache is not None and Path(cache).is_file():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             if saved["key"] == json.dumps(key):
@@ -85,37 +145,25 @@ class FeaturePool:
                 self.weight, self.is_end = saved["weight"].numpy(), saved["is_end"].numpy()
                 log(f"stage reward: inputs of {len(self.tokens)} transitions read from {cache}")
                 return
-        n_inside = int(sampler.cum[-1])
-        ends = np.arange(n_inside, sampler.num_transitions)
-        near_set: set[int] = set()
-        for v in sampler.end_video:  # the last `near` transitions inside each video that ends an episode
-            last = int(sampler.cum[v])  # one past this video's last inside transition
-            near_set.update(range(max(int(sampler.cum[v - 1]) if v else 0, last - near), last))
-        near_idx = np.array(sorted(near_set), dtype=np.int64)
-        far_mask = np.ones(n_inside, dtype=bool)
-        far_mask[near_idx] = False
-        far_all = np.flatnonzero(far_mask)
-        far_idx = np.sort(rng.choice(far_all, min(inside, len(far_all)), replace=False))
-        picks = np.concatenate([ends, near_idx, far_idx])
-        self.weight = np.concatenate([np.ones(len(ends)), np.ones(len(near_idx)),
-                                      np.full(len(far_idx), len(far_all) / max(1, len(far_idx)))]).astype(np.float32)
-        self.is_end = np.zeros(len(picks), dtype=bool)
-        self.is_end[: len(ends)] = True
+        strata = Strata(sources, inside, near, rng)
+        self.weight, self.is_end = strata.weight, strata.is_end
         k = genie.config.lam_context_frames
         gen = torch.Generator().manual_seed(seed)
         toks, acts, events = [], [], []
         t0 = time.time()
         genie.eval()
         with torch.no_grad(), genie._autocast():
-            for i in range(0, len(picks), batch_size):
-                batch = sampler.gather(picks[i: i + batch_size].tolist(), k)
-                f, a = batch_inputs(genie, batch, action_map, gen)
-                toks.append(f.cpu())
-                acts.append(a.cpu())
-                events.append(torch.from_numpy(batch["events"]))
+            for src, idx in strata.picks:
+                for i in range(0, len(idx), batch_size):
+                    batch = sources[src].gather(idx[i: i + batch_size].tolist(), k)
+                    f, a = batch_inputs(genie, batch, action_map, gen)
+                    toks.append(f.cpu())
+                    acts.append(a.cpu())
+                    events.append(torch.from_numpy(batch["events"]))
         self.tokens, self.actions, self.events = torch.cat(toks), torch.cat(acts), torch.cat(events)
-        log(f"stage reward: inputs of {len(picks)} transitions computed once ({len(ends)} ends, {len(near_idx)} "
-            f"just before them, {len(far_idx)} others) in {time.time() - t0:.0f} s")
+        c = strata.counts
+        log(f"stage reward: inputs of {len(strata)} transitions computed once ({c['ends']} ends, {c['near']} just "
+            f"before them, {c['others']} others; {len(sources)} recording(s)) in {time.time() - t0:.0f} s")
         if cache is not None:  # a resumed or repeated run reads them back (atomically written)
             from training.checkpoint import atomic_save
 
@@ -125,12 +173,11 @@ class FeaturePool:
 
     def sample(self, batch: int, k: int = 0) -> dict:  # noqa: ARG002 - k: the context, fixed by the pool
         """A batch: inputs, events and importance weights (natural share / sampled share of each draw)."""
-        n_end = int(self.is_end.sum())
-        rest = np.flatnonzero(~self.is_end)
+        ends, rest = np.flatnonzero(self.is_end), np.flatnonzero(~self.is_end)
+        n_end = len(ends)
         from_end = self.rng.random(batch) < self.end_fraction
-        idx = np.where(from_end, self.rng.integers(0, n_end, batch), rest[self.rng.integers(0, len(rest), batch)])
-        w_rest = self.weight[rest]
-        total = n_end + w_rest.sum()
+        idx = np.where(from_end, ends[self.rng.integers(0, n_end, batch)], rest[self.rng.integers(0, len(rest), batch)])
+        total = self.weight.sum()
         # natural probability weight_i / total against sampled probability: f / n_end or (1 - f) / len(rest)
         sampled = np.where(from_end, self.end_fraction / n_end, (1 - self.end_fraction) / len(rest))
         weight = (self.weight[idx] / total) / sampled
@@ -138,7 +185,9 @@ class FeaturePool:
                 "weight": weight.astype(np.float32)}
 
     def event_counts(self) -> dict[str, int]:
-        return self.sampler.event_counts()
+        """Transitions and events of the recordings the pool draws from (all of them)."""
+        counts = [s.event_counts() for s in self.sources]
+        return {k: sum(c[k] for c in counts) for k in counts[0]}
 
     @property
     def mean_event_reward(self) -> float:
@@ -176,42 +225,39 @@ def precision_recall(pred: np.ndarray, true: np.ndarray, weight: np.ndarray | No
 
 
 @torch.no_grad()
-def real_transition_metrics(genie: Genie, data_dir: str | Path, action_map: dict[str, int],
+def real_transition_metrics(genie: Genie, data_dir: str | Path | list, action_map: dict[str, int],
                             context: int | None = None, batch_size: int = 64, max_inside: int | None = None,
-                            seed: int = 0, log=print) -> dict:
-    """Metric 8 on real transitions: every transition of the dataset (or every end transition plus
-    ``max_inside`` random others, counted with weights that stand for all of them), ``context`` past frames
-    (default: the most the dynamics attends to, ``context_frames - 1``)."""
+                            near: int = 8, seed: int = 0, log=print) -> dict:
+    """Metric 8 on real transitions: every transition of the dataset, or (``max_inside``) every end
+    transition, the ``near`` before each and ``max_inside`` random others, counted with weights that stand
+    for all of them (`Strata`). ``data_dir`` may be a list of folders: episode-ends recordings among them
+    add their ends and near transitions. ``context`` past frames (default: the most the dynamics attends
+    to, ``context_frames - 1``)."""
     if genie.outcomes is None:
         raise ValueError("the model has no reward / episode-end heads: train them with --stage reward")
     genie.eval()
-    cache = FrameCache(data_dir, genie.config.image_size, log=log)
-    sampler = OutcomeSampler(cache)
+    dirs = data_dir if isinstance(data_dir, list | tuple) else [data_dir]
+    sources = [OutcomeSampler(FrameCache(d, genie.config.image_size, log=log)) for d in dirs]
+    strata = Strata(sources, max_inside, near, np.random.default_rng(seed))
     k = context or genie.config.context_frames - 1
-    n_inside = int(sampler.cum[-1])
-    ends = list(range(n_inside, sampler.num_transitions))
-    if max_inside is None or max_inside >= n_inside:
-        inside, w_inside = list(range(n_inside)), 1.0
-    else:
-        inside = sorted(np.random.default_rng(seed).choice(n_inside, max_inside, replace=False).tolist())
-        w_inside = n_inside / max_inside
-    picks = inside + ends
-    weight = np.array([w_inside] * len(inside) + [1.0] * len(ends))
     gen = torch.Generator().manual_seed(seed)
     probs, events = [], []
     t0 = time.time()
-    for i in range(0, len(picks), batch_size):
-        batch = sampler.gather(picks[i : i + batch_size], k)
-        with genie._autocast():
-            features, action = batch_inputs(genie, batch, action_map, gen)
-            probs.append(genie.outcomes.probabilities(features, action).float().cpu().numpy())
-        events.append(batch["events"])
+    for src, idx in strata.picks:
+        for i in range(0, len(idx), batch_size):
+            batch = sources[src].gather(idx[i : i + batch_size].tolist(), k)
+            with genie._autocast():
+                features, action = batch_inputs(genie, batch, action_map, gen)
+                probs.append(genie.outcomes.probabilities(features, action).float().cpu().numpy())
+            events.append(batch["events"])
     p, y = np.concatenate(probs), np.concatenate(events) > 0
+    weight = strata.weight.astype(np.float64)
     thr = genie.outcomes.threshold.cpu().numpy()
-    out: dict = {"transitions": sampler.num_transitions, "evaluated": len(picks), "context_frames": k,
-                 "seconds": round(time.time() - t0, 1)}
+    out: dict = {"transitions": sum(s.num_transitions for s in sources if s.natural), "evaluated": len(strata),
+                 "context_frames": k, "seconds": round(time.time() - t0, 1), **strata.counts}
     for j, name in enumerate(EVENTS):
         out[name] = precision_recall(p[:, j] > thr[j], y[:, j], weight)
+        out[name]["events_seen"] = int(y[:, j].sum())
     out["probabilities"], out["events"], out["weights"] = p, y, weight
     return out
 
@@ -230,7 +276,7 @@ def best_thresholds(probs: np.ndarray, events: np.ndarray, weights: np.ndarray) 
     return out
 
 
-def calibrate(model: Genie, data_dir: str | Path, action_map: dict[str, int], max_inside: int | None = None,
+def calibrate(model: Genie, data_dir: str | Path | list, action_map: dict[str, int], max_inside: int | None = None,
               seed: int = 0, log=print) -> dict:
     """Set the heads' thresholds to the best F1 on ``data_dir``'s real transitions (a set that metric 8 is then
     not reported on) and return them with that set's figures."""
@@ -238,15 +284,22 @@ def calibrate(model: Genie, data_dir: str | Path, action_map: dict[str, int], ma
     thr = best_thresholds(m["probabilities"], m["events"], m["weights"])
     assert model.outcomes is not None
     model.outcomes.threshold.copy_(torch.from_numpy(thr).float())
-    res = {"calibration_data": str(data_dir), "threshold": thr.tolist()}
+    res = {"calibration_data": _name(data_dir), "threshold": thr.tolist()}
     for j, name in enumerate(EVENTS):
         res[name] = precision_recall(m["probabilities"][:, j] > thr[j], m["events"][:, j], m["weights"])
     return res
 
 
-def real_event_rates(data_dir: str | Path) -> dict[str, float]:
-    """Events per 1,000 steps of the real game under the recording's policy, from its dataset.json."""
-    summary = json.loads((Path(data_dir) / "dataset.json").read_text())
+def real_event_rates(data_dir: str | Path | list) -> dict[str, float]:
+    """Events per 1,000 steps of the real game under the recording's policy, from its dataset.json (of the
+    first full recording in a list: an episode-ends recording has no natural rate)."""
+    dirs = data_dir if isinstance(data_dir, list | tuple) else [data_dir]
+    summaries = [(d, json.loads((Path(d) / "dataset.json").read_text())) for d in dirs]
+    full = [(d, s) for d, s in summaries if not s.get("episode_ends")]
+    if not full:
+        raise ValueError(f"{_name(data_dir)}: an episode-ends recording has no natural event rate: give a full "
+                         "recording too")
+    data_dir, summary = full[0]
     o = summary.get("outcomes")
     if not o:
         raise ValueError(f"{data_dir}/dataset.json has no outcomes: record the data with training.record")
@@ -280,7 +333,12 @@ def dream_event_rates(model: Genie, steps: int = 10_000, num_envs: int = 32, see
             "seconds": round(time.time() - t0, 1)}
 
 
-def metric8(model: Genie, data: list[Path], action_map: dict[str, int], max_inside: int | None = None,
+def _name(data_dir: str | Path | list) -> str:
+    dirs = data_dir if isinstance(data_dir, list | tuple) else [data_dir]
+    return ",".join(str(d) for d in dirs)
+
+
+def metric8(model: Genie, data: list, action_map: dict[str, int], max_inside: int | None = None,
             dream_steps: int = 0, num_envs: int = 32, seed: int = 0, log=print) -> dict:
     """EVALUATION.md metric 8: precision / recall on each dataset's real transitions, the real game's event
     rates, and (``dream_steps`` > 0) event rates in dreams under a uniformly random policy."""
@@ -289,10 +347,15 @@ def metric8(model: Genie, data: list[Path], action_map: dict[str, int], max_insi
         m = real_transition_metrics(model, d, action_map, max_inside=max_inside, seed=seed, log=log)
         for key in ("probabilities", "events", "weights"):
             m.pop(key)
-        res[str(d)] = {**m, "real_rates": real_event_rates(d)}
+        res[_name(d)] = {**m, "real_rates": real_event_rates(d)}
     if dream_steps:
         res["dreams"] = dream_event_rates(model, dream_steps, num_envs=num_envs, seed=seed)
     return res
+
+
+def _folders(text: str) -> list[Path]:
+    """``A,B``: the folders of one evaluation set."""
+    return [Path(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,9 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.outcomes",
                                 description="EVALUATION.md metric 8: reward and episode end")
     p.add_argument("--checkpoint", default=None, help="release folder (default: the shipped model)")
-    p.add_argument("--data", type=Path, action="append", required=True, help="validation dataset (repeatable)")
+    p.add_argument("--data", type=_folders, action="append", required=True,
+                   help="validation dataset (repeatable); DIR,ENDS adds an episode-ends recording of other "
+                        "episodes (training.record --episode-ends) to DIR's ends")
     p.add_argument("--max-inside", type=int, default=None,
-                   help="evaluate every end transition and this many others, weighted (default: all)")
+                   help="evaluate every end transition, the 8 before each, and this many others, weighted "
+                        "(default: all)")
     p.add_argument("--dream-steps", type=int, default=0, help="env steps in dreams (>= 10000 for metric 8)")
     p.add_argument("--num-envs", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -316,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="number format (default: bf16 where the hardware runs it natively, else fp32)")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--calibrate-on", type=Path, default=None,
+    p.add_argument("--calibrate-on", type=_folders, default=None,
                    help="first set the heads' thresholds to the best F1 on this dataset and save them into "
                         "--checkpoint (report --data on other levels)")
     a = p.parse_args(argv)
@@ -336,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         cal = calibrate(model, a.calibrate_on, action_map, a.max_inside, a.seed)
         model.save_pretrained(a.checkpoint, extra_files={n: Path(a.checkpoint) / n for n in EXTRA_FILES
                                                          if (Path(a.checkpoint) / n).is_file()})
-        print(f"thresholds {cal['threshold']} (best F1 on {a.calibrate_on}) saved into {a.checkpoint}")
+        print(f"thresholds {cal['threshold']} (best F1 on {_name(a.calibrate_on)}) saved into {a.checkpoint}")
     res = metric8(model, a.data, action_map, a.max_inside, a.dream_steps, a.num_envs, a.seed)
     if cal is not None:
         res["calibration"] = cal

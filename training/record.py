@@ -2,6 +2,7 @@
 
     python -m training.record --out data/coinrun-train --frames 200000 --start-level 0 --num-levels 10000
     python -m training.record --out data/coinrun-val --frames 20000 --start-level 1000000 --num-levels 1000
+    python -m training.record --out data/coinrun-ends --frames 160000 --episode-ends 32 --hold 8 --seed 4
 
 Writes ``OUT/videos/video_000000.mp4`` (one episode, or a piece of one, per file: a video never crosses
 an episode boundary) and beside each ``video_000000.json`` with the game, the level seed, the true game
@@ -72,6 +73,10 @@ class RecordArgs:
     """procgen distribution mode."""
     time_limit: int = 1000
     """The game's own episode step limit (procgen: 1000): an episode ended at this length was truncated."""
+    episode_ends: int = 0
+    """Keep only the last N frames of each episode that ends, with its ``end`` (0 = every frame). Such a
+    recording gathers episode endings (the reward stage's rare events) many times faster than a full one;
+    it is not the game's natural distribution of frames, so it adds to a full recording, never replaces it."""
 
 
 def _import_procgen():
@@ -94,6 +99,9 @@ def record(args: RecordArgs, log=print) -> dict:
     ProcgenGym3Env = _import_procgen()
     if args.frames < 1:
         raise ValueError(f"frames must be >= 1, got {args.frames}")
+    if args.episode_ends < 0 or args.episode_ends == 1:
+        raise ValueError(f"episode_ends must be 0 (every frame) or >= 2 frames, got {args.episode_ends}")
+    window = args.episode_ends
     out = Path(args.out)
     vid_dir = out / "videos"
     vid_dir.mkdir(parents=True, exist_ok=True)
@@ -129,11 +137,13 @@ def record(args: RecordArgs, log=print) -> dict:
     def flush(i: int) -> None:
         nonlocal n_videos, n_frames
         f, a, r, end = frames[i], acts[i], rews[i], ends[i]
-        if len(f) >= args.min_video_frames and n_frames < args.frames:
-            keep = min(len(f), args.frames - n_frames)
-            if keep < len(f):
+        keep = min(len(f), args.frames - n_frames)
+        if keep >= args.min_video_frames:
+            if keep < len(f) and window:  # the budget ends inside an episode's last frames: keep its tail
+                f, a, r = f[len(f) - keep:], a[len(a) - (keep - 1):], r[len(r) - (keep - 1):]
+            elif keep < len(f):
                 end = None  # cut short: the episode went on
-            f, a, r = f[:keep], a[: keep - 1], r[: keep - 1]
+                f, a, r = f[:keep], a[: keep - 1], r[: keep - 1]
             name = f"video_{n_videos:06d}"
             write_video(vid_dir / f"{name}.mp4", np.stack(f))
             meta = {
@@ -148,6 +158,8 @@ def record(args: RecordArgs, log=print) -> dict:
                 "end": end,
                 "policy": "uniform-random" if args.hold == 1 else f"uniform-random, held 1-{args.hold} frames",
             }
+            if window:
+                meta["episode_ends"] = window
             (vid_dir / f"{name}.json").write_text(json.dumps(meta))
             n_videos += 1
             n_frames += len(f)
@@ -159,10 +171,15 @@ def record(args: RecordArgs, log=print) -> dict:
         rgb = obs["rgb"]
         for i in range(args.num_envs):
             if first[i] and frames[i]:
-                flush(i)  # the previous episode ended: never let a video cross the boundary
+                if window and ends[i] is None:  # an episode-ends recording keeps only pieces with their end
+                    frames[i], acts[i], rews[i] = [], [], []
+                else:
+                    flush(i)  # the previous episode ended: never let a video cross the boundary
             if not frames[i]:
                 seeds[i] = int(info[i].get("level_seed", -1))
             frames[i].append(rgb[i].copy())
+            if window and len(frames[i]) > window:  # only the episode's last `window` frames are kept
+                del frames[i][0], acts[i][0], rews[i][0]
         # uniformly random actions, optionally held for a random number of frames
         new = hold_left <= 0
         held[new] = rng.integers(0, n_actions, size=int(new.sum()))
@@ -184,7 +201,7 @@ def record(args: RecordArgs, log=print) -> dict:
                     ends[i] = {"action": acts[i].pop(), "reward": float(rew[i]),
                                "terminated": not truncated, "truncated": bool(truncated)}
                 ep_steps[i] = 0
-            elif acts[i] and len(frames[i]) >= args.max_video_frames:
+            elif acts[i] and not window and len(frames[i]) >= args.max_video_frames:
                 # the video is full and the episode goes on: cut it here (this transition is in neither
                 # video); checked after the action so that an episode ending right here keeps its ``end``
                 acts[i].pop()
@@ -198,6 +215,7 @@ def record(args: RecordArgs, log=print) -> dict:
         "level_range": [args.start_level, args.start_level + args.num_levels],
         "seed": args.seed,
         "hold": args.hold,
+        "episode_ends": window,
         "outcomes": _outcome_summary(vid_dir),
         "action_names": names,
         "seconds": round(time.time() - t0, 1),

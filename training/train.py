@@ -73,6 +73,9 @@ class TrainArgs:
     """Continue from RUN/<stage>/checkpoint.pt."""
     init_from: Path | None = None
     """Release folder to start the stage's model from (default: the previous stage's release)."""
+    ends_data: list[Path] = field(default_factory=list)
+    """Reward stage: episode-ends recordings (``training.record --episode-ends N``, repeatable) whose
+    endings join --data's; their weights keep the stage's data the game's distribution."""
     init_part: list[str] = field(default_factory=list)
     """PART=FOLDER (repeatable): take one part (tokenizer, latent_actions, dynamics) from this release
     folder instead, e.g. to fine-tune the dynamics on a retrained tokenizer."""
@@ -438,11 +441,16 @@ class Trainer:
                 raise ConfigError(f"--data {args.data}: the reward stage reads the dataset folder (videos and "
                                   "their recorded outcomes), not a frames file")
             sampler = OutcomeSampler(cache, cfg.outcome_end_fraction, seed=cfg.seed + STAGES.index(stage))
+            extra = [OutcomeSampler(FrameCache(d, cfg.image_size, log=self.log if self.is_main else quiet))
+                     for d in args.ends_data]
+            if extra and cfg.outcome_input != "tokens":
+                raise ConfigError("--ends-data joins the pool of the reward stage's inputs: it needs "
+                                  "outcome_input=tokens")
             if cfg.outcome_input == "tokens":  # the frozen model's part of the inputs, computed once
                 from training.outcomes import FeaturePool
 
                 sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log,
-                                      cache=sdir / "feature_pool.pt")
+                                      cache=sdir / "feature_pool.pt", extra=extra)
                 genie.train()
             self.log(f"stage reward: {sampler.event_counts()} in {args.data}")
             if state is None:
@@ -737,6 +745,10 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     for f in fields(TrainArgs):
         if f.name == "overrides":
+            continue
+        if f.name == "ends_data":
+            p.add_argument("--ends-data", action="append", type=Path, default=[], metavar="DIR",
+                           help="reward stage: an episode-ends recording whose endings join --data's (repeatable)")
             continue
         if f.name == "init_part":
             p.add_argument("--init-part", action="append", default=[], metavar="PART=FOLDER",
