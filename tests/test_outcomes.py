@@ -261,7 +261,8 @@ def test_episode_ends_recordings_join_the_pool_with_weights_that_keep_the_game_s
     model = tiny_model(outcome_input="tokens")
     pool = FeaturePool(model, full, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=lambda *a: None,
                        extra=[ends])
-    assert len(pool.tokens) == len(strata) and pool.is_end.sum() == 6 and pool.events[pool.is_end].sum() == 6 + 3  # 6 deaths or coins, 3 coins
+    assert len(pool.tokens) == len(strata) and pool.is_end.sum() == 6
+    assert pool.events[pool.is_end].sum() == 6 + 3  # 6 ends (coins or deaths), 3 of them coins
     assert pool.event_counts()["terminations"] == 2 + 4
     b = pool.sample(4000)
     is_end = b["events"][:, 1] > 0
