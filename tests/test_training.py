@@ -156,6 +156,10 @@ def test_record_episode_ends_keeps_the_last_frames_of_each_ended_episode(tmp_pat
         assert me["actions"] == mf["actions"][len(mf["actions"]) - (n - 1):]
         assert me["rewards"] == mf["rewards"][len(mf["rewards"]) - (n - 1):]
         np.testing.assert_array_equal(read_video(e.with_suffix(".mp4")), read_video(f.with_suffix(".mp4"))[-n:])
+    # a budget that leaves one frame, too few for a video: the recording stops instead of waiting for room
+    run("-m", "training.record", "--frames", "41", "--episode-ends", "2", *common, "--out", str(tmp_path / "odd"),
+        timeout=60)
+    assert json.loads((tmp_path / "odd" / "dataset.json").read_text())["frames"] == 40
 
 
 @pytest.mark.skipif(not HAVE_PROCGEN, reason="needs the optional record extra (procgen)")

@@ -167,7 +167,7 @@ def record(args: RecordArgs, log=print) -> dict:
 
     _, obs, first = env.observe()
     info = env.get_info()
-    while n_frames < args.frames:
+    while args.frames - n_frames >= args.min_video_frames:  # room left for one more video
         rgb = obs["rgb"]
         for i in range(args.num_envs):
             if first[i] and frames[i]:
