@@ -183,6 +183,11 @@ class GenieSession:
 
     Rows of the batch are independent: `reset_rows` restarts some rows from new prompts while the others
     go on (the vector environment's autoreset).
+
+    The cache holds the context but its last frame (``last_tokens``, reached by ``last_action``): a step's
+    first MaskGIT pass writes that frame's keys and values while it predicts the next frame, one forward
+    over both frames' rows (`DynamicsModel.step` with ``pending``), which at batch 1 costs little more
+    than a pass over one frame and spares the pass of its own that committing each frame would take.
     """
 
     def __init__(self, model: Genie, prompt: torch.Tensor, generator: torch.Generator | None = None,
@@ -211,6 +216,9 @@ class GenieSession:
         self.cache = model.dynamics.new_cache(self.batch_size, device=model.device, window=context_frames,
                                               dtype=model.autocast_dtype or torch.float32)
         self.steps = torch.zeros(self.batch_size, dtype=torch.long)
+        self.fuse_commit = True
+        """Commit the last frame in the next step's first MaskGIT pass; False: in a pass of its own before
+        it (the same computation, one pass more a step)."""
         self.last_outcomes: torch.Tensor | None = None
         """(B, 2) probabilities of a reward event and of a termination in the last step (None without
         heads or before the first step)."""
@@ -218,7 +226,8 @@ class GenieSession:
 
     @torch.inference_mode()
     def _prime(self, prompt: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """Encode prompt frames (b, 3, T0, H, W) into the cache rows (all rows when None)."""
+        """Encode prompt frames (b, 3, T0, H, W) into the cache rows (all rows when None); the last one
+        becomes the rows' pending frame (``last_tokens``, ``last_action``), in place of any other."""
         m = self.model
         dyn = m.dynamics
         with m._autocast():
@@ -227,14 +236,17 @@ class GenieSession:
             acts = torch.full((b, t0), dyn.null_action, dtype=torch.long, device=tokens.device)
             if t0 > 1:
                 acts[:, 1:] = m.latent_actions.infer(prompt)
-            for t in range(t0):
+            for t in range(t0 - 1):
                 dyn.step(self.cache, tokens[:, t], acts[:, t], rows=rows, commit=True)
-        self.last_frame = prompt[:, :, -1].clone() if rows is None else self.last_frame
         if rows is None:
+            self.last_frame = prompt[:, :, -1].clone()
             self.last_tokens = tokens[:, -1].clone()
+            self.last_action = acts[:, -1].clone()
+            """(B,) long latent action that led to the last frame (null_action for a one-frame prompt)."""
         else:
             self.last_frame[rows] = prompt[:, :, -1]
             self.last_tokens[rows] = tokens[:, -1]
+            self.last_action[rows] = acts[:, -1]
 
     @torch.inference_mode()
     def step(self, action: torch.Tensor) -> torch.Tensor:
@@ -242,18 +254,22 @@ class GenieSession:
         m = self.model
         action = check_actions(action, m.config, "action", shape=(self.batch_size,), device=m.device)
         with m._autocast():
+            pending = (self.last_tokens, self.last_action)
+            if not self.fuse_commit:
+                m.dynamics.step(self.cache, *pending, commit=True)
+                pending = None
             tokens, hidden = m.dynamics.sample_frame(
                 self.cache, action, self.maskgit_steps, self.temperature, self.top_k,
-                m.config.maskgit_schedule, self.generator, return_features=True,
+                m.config.maskgit_schedule, self.generator, return_features=True, pending=pending,
             )
             if m.outcomes is not None:
                 features = hidden if m.config.outcome_input == "hidden" else self.last_tokens
                 self.last_outcomes = m.outcomes.probabilities(features, action)
-            m.dynamics.step(self.cache, tokens, action, commit=True)
             grid = m.config.token_grid
             frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid))[:, :, 0].float()
         self.last_frame = frame
         self.last_tokens = tokens
+        self.last_action = action.clone()  # (the caller's tensor may be a view of an array it reuses)
         self.steps += 1
         return frame
 
