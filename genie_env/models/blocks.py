@@ -109,12 +109,6 @@ class SelfAttention(nn.Module):
         kv = kv.view(b, length, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         return kv[0], kv[1]
 
-    def split_q(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, d) -> q (B, n, L, d/n): `split` without computing the keys and values."""
-        b, length, d = x.shape
-        q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d])
-        return q.view(b, length, self.heads, d // self.heads).transpose(1, 2)
-
     def merge(self, out: torch.Tensor) -> torch.Tensor:
         """(B, n, L, d/n) -> (B, L, d)."""
         b, n, length, dh = out.shape
