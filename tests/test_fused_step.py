@@ -154,3 +154,14 @@ def test_fused_step_does_the_work_of_the_unfused_one():
         flops[fuse] = fc.get_total_flops()
     assert flops[True] == flops[False] + attention and flops[False] > 0
 
+
+def test_small_batches_fuse_the_commit():
+    """Sessions fuse the commit up to FUSED_COMMIT_MAX_BATCH rows (where it is faster), not above."""
+    from genie_env.models.genie import FUSED_COMMIT_MAX_BATCH
+
+    model = tiny_model()
+    assert model.start(clip(1, 1, 0)).fuse_commit and model.start(clip(FUSED_COMMIT_MAX_BATCH, 1, 0)).fuse_commit
+    big = model.start(clip(FUSED_COMMIT_MAX_BATCH + 1, 1, 0))
+    assert not big.fuse_commit
+    big.step(torch.zeros(FUSED_COMMIT_MAX_BATCH + 1, dtype=torch.long))
+    assert big.cache.frames().tolist() == [1] * (FUSED_COMMIT_MAX_BATCH + 1)

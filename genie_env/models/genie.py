@@ -27,6 +27,11 @@ __all__ = ["Genie", "GenieSession"]
 GENERATE_MAX_BYTES = 4 * 2**30
 """`Genie.generate` returns every frame in one tensor; longer rollouts go through a `GenieSession`."""
 
+FUSED_COMMIT_MAX_BATCH = 4
+"""Largest batch whose sessions commit a frame in the next step's first pass (`GenieSession.fuse_commit`):
+the pass over both frames costs 0.85x a commit pass plus a MaskGIT pass at batch 1, 0.93x at 2, about 1x
+at 4 to 16 and 1.14x at 32, where the matmuls already run near the peak (fp32, one thread, AVX2 class)."""
+
 
 class Genie(nn.Module, HubMixin):
     """A Genie world model. Frames are float tensors in [0, 1] of shape (B, 3, H, W) or (B, 3, T, H, W).
@@ -153,8 +158,9 @@ class Genie(nn.Module, HubMixin):
 
         frames: (b, 3, K, H, W) the context, frame t last (K <= context_frames - 1); actions: (b, K) long,
         actions[:, i] the latent action from frame i to i+1 (actions[:, -1] = a_t). Returns (b, n, d) hidden
-        states of the dynamics' first MaskGIT pass over frame t+1 ("hidden"), computed exactly as a
-        session at play time does, or (b, n) tokens of frame t ("tokens")."""
+        states of the dynamics' first MaskGIT pass over frame t+1 ("hidden"), computed as a session at play
+        time does (to float rounding: a session may commit frame t in that pass), or (b, n) tokens of frame t
+        ("tokens")."""
         if self.outcomes is None:
             raise ValueError("this model has no reward / episode-end heads (config.outcome_input is 'none')")
         if self.config.outcome_input == "tokens":  # frame t alone: the tokenizer is per frame
@@ -184,10 +190,10 @@ class GenieSession:
     Rows of the batch are independent: `reset_rows` restarts some rows from new prompts while the others
     go on (the vector environment's autoreset).
 
-    The cache holds the context but its last frame (``last_tokens``, reached by ``last_action``): a step's
-    first MaskGIT pass writes that frame's keys and values while it predicts the next frame, one forward
-    over both frames' rows (`DynamicsModel.step` with ``pending``), which at batch 1 costs little more
-    than a pass over one frame and spares the pass of its own that committing each frame would take.
+    The cache holds the context but its last frame (``last_tokens``, reached by ``last_action``): the next
+    step writes that frame's keys and values, at small batches in its first MaskGIT pass, one forward over
+    both frames' rows (`DynamicsModel.step` with ``pending``, one pass fewer a step), else in a pass of its
+    own before it.
     """
 
     def __init__(self, model: Genie, prompt: torch.Tensor, generator: torch.Generator | None = None,
@@ -216,9 +222,9 @@ class GenieSession:
         self.cache = model.dynamics.new_cache(self.batch_size, device=model.device, window=context_frames,
                                               dtype=model.autocast_dtype or torch.float32)
         self.steps = torch.zeros(self.batch_size, dtype=torch.long)
-        self.fuse_commit = True
+        self.fuse_commit = self.batch_size <= FUSED_COMMIT_MAX_BATCH
         """Commit the last frame in the next step's first MaskGIT pass; False: in a pass of its own before
-        it (the same computation, one pass more a step)."""
+        it (the same computation, one pass more a step; faster at large batches on a CPU)."""
         self.last_outcomes: torch.Tensor | None = None
         """(B, 2) probabilities of a reward event and of a termination in the last step (None without
         heads or before the first step)."""
