@@ -122,7 +122,7 @@ def slow_message(model_fps: float, display_fps: int, dtype: str, native_bf16: bo
     if dtype == "bf16" and not native_bf16:
         tip = "--dtype fp32 (this device has no native bf16, so bf16 is emulated and slow)"
     elif maskgit_steps > 1:
-        tip = "--maskgit-steps 1 (about 1.4x faster; frames drift from the game sooner)"
+        tip = "--maskgit-steps 1 (about 1.5x faster; frames drift from the game sooner)"
     else:
         tip = f"--fps {max(1, int(model_fps))} (the rate this machine sustains)"
     return (f"genie-play: the model runs at {model_fps:.1f} frames/s on this machine, slower than the "

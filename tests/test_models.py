@@ -50,10 +50,12 @@ def test_session_steps_and_row_reset(tiny):
     assert f.shape == (3, 3, 16, 16)
     assert s.cache.frames().tolist() == [3, 3, 3]  # capped at context_frames - 1
     s.reset_rows(torch.tensor([1]), x[1:2, :, 1])
-    assert s.cache.frames().tolist() == [3, 1, 3]
+    # the prompt frame is the row's pending frame: the next step's first pass caches it
+    assert s.cache.frames().tolist() == [3, 0, 3]
+    assert torch.equal(s.last_tokens[1], tiny.tokenize(x[1:2, :, 1:2]).flatten()) and s.last_action[1] == 8
     assert s.steps.tolist() == [6, 0, 6]
     s.step(torch.tensor([0, 1, 2]))
-    assert s.cache.frames().tolist() == [3, 2, 3]
+    assert s.cache.frames().tolist() == [3, 1, 3]
 
 
 def test_presets_sizes():
