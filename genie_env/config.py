@@ -51,6 +51,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "epochs": (1, 10**6),
     "seed": (0, 2**63 - 1),
     "outcome_dim": (4, 4096),
+    "outcome_frames": (1, 2),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "tokenizer_commitment": (0.0, 100.0),
@@ -154,6 +155,9 @@ class GenieConfig:
     (the current frame's tokens and the latent action), or "none" (no heads: reward 0, never terminated)."""
     outcome_dim: int = 64
     """Width of the reward / episode-end heads."""
+    outcome_frames: int = 1
+    """With "tokens": the frames whose tokens the heads read, the current one last (2: also the one before,
+    which shows how the player and enemies move)."""
     outcome_end_fraction: float = 0.25
     """Reward stage: share of each batch drawn from the transitions out of a video's last frame, where
     every event of a recording sits (the rest uniformly from all transitions)."""

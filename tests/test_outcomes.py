@@ -31,9 +31,9 @@ def force_heads(model: Genie, reward: float = 10.0, fire: bool = True) -> Genie:
     return model
 
 
-@pytest.mark.parametrize("inp", ["hidden", "tokens"])
+@pytest.mark.parametrize("inp", ["hidden", "tokens", "tokens2"])
 def test_outcome_loss_falls_on_tiny_batch(inp):
-    model = tiny_model(outcome_input=inp)
+    model = tiny_model(outcome_input=inp[:6], outcome_frames=2 if inp == "tokens2" else 1)
     torch.manual_seed(0)
     frames = torch.rand(8, 3, 3, 16, 16)
     actions = torch.randint(0, 8, (8, 3))
@@ -67,6 +67,35 @@ def test_features_are_what_a_session_computes():
     session.step(acts[:, -1])
     torch.testing.assert_close(session.last_outcomes, expected_inferred)
     assert not torch.allclose(expected, expected_inferred) or torch.equal(inferred, acts[:, :2])
+
+
+def test_two_frame_heads_read_the_frame_before_as_a_session_does():
+    model = tiny_model(outcome_input="tokens", outcome_frames=2)
+    x = torch.rand(2, 3, 3, 16, 16)
+    acts = torch.tensor([[1, 2, 5], [0, 3, 4]])
+    with torch.no_grad():
+        feats = model.outcome_features(x, acts)
+        tokens = model.tokenize(x).flatten(2)  # (b, T, n)
+    assert torch.equal(feats, tokens[:, 1:])  # frames t-1 and t
+    session = model.start(x)
+    session.step(acts[:, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(session.last_outcomes, model.outcomes.probabilities(feats, acts[:, -1]))
+        # the next step reads the prompt's last frame and the frame just generated
+        generated = session.last_tokens.clone()
+        session.step(acts[:, 0])
+        want = model.outcomes.probabilities(torch.stack([tokens[:, -1], generated], 1), acts[:, 0])
+    torch.testing.assert_close(session.last_outcomes, want)
+    # the frame before matters: the heads give other probabilities when it changes
+    with torch.no_grad():
+        other = model.outcomes.probabilities(torch.stack([tokens[:, 0], generated], 1), acts[:, 0])
+    assert not torch.allclose(other, want)
+    # a one-frame prompt: frame t stands in for frame t-1 (as outcome_features repeats it)
+    session = model.start(x[:, :, :1])
+    session.step(acts[:, 0])
+    with torch.no_grad():
+        want = model.outcomes.probabilities(model.outcome_features(x[:, :, :1], acts[:, :1]), acts[:, 0])
+    torch.testing.assert_close(session.last_outcomes, want)
 
 
 def test_checkpoint_with_heads_round_trips_and_one_without_loads(tmp_path):

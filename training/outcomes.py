@@ -136,6 +136,8 @@ class FeaturePool:
         self.rng = np.random.default_rng([seed, 13])
         key = {"videos": [(v.name, v.frames) for v in sampler.cache.videos], "inside": inside, "near": near,
                "seed": seed, "frozen": _frozen_hash(genie), "action_map": sorted(action_map.items())}
+        if genie.config.outcome_frames != 1:
+            key["frames"] = genie.config.outcome_frames
         if extra:
             key["extra"] = [[str(s.cache.data_dir), len(s.cache.videos), s.num_transitions] for s in extra]
         if cache is not None and Path(cache).is_file():

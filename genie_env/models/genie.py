@@ -159,12 +159,15 @@ class Genie(nn.Module, HubMixin):
         frames: (b, 3, K, H, W) the context, frame t last (K <= context_frames - 1); actions: (b, K) long,
         actions[:, i] the latent action from frame i to i+1 (actions[:, -1] = a_t). Returns (b, n, d) hidden
         states of the dynamics' first MaskGIT pass over frame t+1 ("hidden"), computed as a session at play
-        time does (to float rounding: a session may commit frame t in that pass), or (b, n) tokens of frame t
-        ("tokens")."""
+        time does (to float rounding: a session may commit frame t in that pass), or tokens ("tokens"): (b, n)
+        of frame t, or (b, 2, n) of frames t-1 and t with ``outcome_frames`` 2 (frame t twice when K = 1)."""
         if self.outcomes is None:
             raise ValueError("this model has no reward / episode-end heads (config.outcome_input is 'none')")
-        if self.config.outcome_input == "tokens":  # frame t alone: the tokenizer is per frame
-            return self.tokenizer.encode(frames[:, :, -1:]).flatten(2)[:, -1]
+        if self.config.outcome_input == "tokens":  # the last frames alone: the tokenizer is per frame
+            f = self.config.outcome_frames
+            idx = torch.arange(frames.shape[2] - f, frames.shape[2], device=frames.device).clamp_min(0)
+            tokens = self.tokenizer.encode(frames[:, :, idx]).flatten(2)  # (b, f, n); repeated first frame
+            return tokens[:, -1] if f == 1 else tokens
         tokens = self.tokenizer.encode(frames).flatten(2)  # (b, K, n)
         dyn = self.dynamics
         b, k = tokens.shape[:2]
@@ -246,11 +249,14 @@ class GenieSession:
                 dyn.step(self.cache, tokens[:, t], acts[:, t], rows=rows, commit=True)
         if rows is None:
             self.last_frame = prompt[:, :, -1].clone()
+            self.prev_tokens = tokens[:, max(t0 - 2, 0)].clone()
+            """(B, n) tokens of the frame before the last (the last one for a one-frame prompt)."""
             self.last_tokens = tokens[:, -1].clone()
             self.last_action = acts[:, -1].clone()
             """(B,) long latent action that led to the last frame (null_action for a one-frame prompt)."""
         else:
             self.last_frame[rows] = prompt[:, :, -1]
+            self.prev_tokens[rows] = tokens[:, max(t0 - 2, 0)]
             self.last_tokens[rows] = tokens[:, -1]
             self.last_action[rows] = acts[:, -1]
 
@@ -269,11 +275,17 @@ class GenieSession:
                 m.config.maskgit_schedule, self.generator, return_features=True, pending=pending,
             )
             if m.outcomes is not None:
-                features = hidden if m.config.outcome_input == "hidden" else self.last_tokens
+                if m.config.outcome_input == "hidden":
+                    features = hidden
+                elif m.config.outcome_frames == 2:
+                    features = torch.stack([self.prev_tokens, self.last_tokens], 1)
+                else:
+                    features = self.last_tokens
                 self.last_outcomes = m.outcomes.probabilities(features, action)
             grid = m.config.token_grid
             frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid))[:, :, 0].float()
         self.last_frame = frame
+        self.prev_tokens = self.last_tokens
         self.last_tokens = tokens
         self.last_action = action.clone()  # (the caller's tensor may be a view of an array it reuses)
         self.steps += 1

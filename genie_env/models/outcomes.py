@@ -9,7 +9,8 @@ Two inputs (``config.outcome_input``):
 * ``hidden``: the dynamics' normalised hidden states of its first MaskGIT pass over frame t+1 (every
   token masked, conditioned on the context and a_t). At play time that pass runs anyway, so the heads
   cost one small convolution per step.
-* ``tokens``: the tokens of frame t and a_t, embedded.
+* ``tokens``: the tokens of frame t and a_t, embedded; with ``outcome_frames`` 2 also those of frame t-1
+  (their own embedding, plus a learned vector where a token changed: how things move).
 
 Both go through the same trunk: a per-token projection, two 3x3 convolutions over the token grid (an
 event is local: the player touching the coin or a saw), then max- and mean-pooling and an MLP to two
@@ -47,6 +48,10 @@ class OutcomeModel(nn.Module):
             self.token_emb = nn.Embedding(config.tokenizer_vocab_size, w)
             self.pos_emb = nn.Parameter(torch.randn(config.tokens_per_frame, w) * 0.02)
             self.action_emb = nn.Embedding(config.action_vocab_size, w)
+            if config.outcome_frames == 2:
+                self.prev_emb = nn.Embedding(config.tokenizer_vocab_size, w)
+                self.changed = nn.Parameter(torch.randn(w) * 0.02)
+        self.frames = config.outcome_frames if self.input == "tokens" else 1
         self.conv = nn.Sequential(
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1), nn.GELU()
         )
@@ -60,10 +65,15 @@ class OutcomeModel(nn.Module):
         (CoinRun: every event is the coin's 10)."""
 
     def forward(self, features: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """features: (b, n, d) hidden states ("hidden") or (b, n) long tokens of frame t ("tokens");
-        action: (b,) long a_t. Returns (b, 2) raw logits (without ``logit_offset``)."""
+        """features: (b, n, d) hidden states ("hidden"), or long tokens ("tokens"): (b, n) of frame t, or
+        (b, 2, n) of frames t-1 and t (``outcome_frames`` 2); action: (b,) long a_t. Returns (b, 2) raw
+        logits (without ``logit_offset``)."""
         if self.input == "hidden":
             x = self.proj(features.to(self.proj.weight.dtype))
+        elif self.frames == 2:
+            prev, cur = features.unbind(1)
+            x = (self.token_emb(cur) + self.pos_emb + self.action_emb(action)[:, None] + self.prev_emb(prev)
+                 + (prev != cur)[..., None] * self.changed)
         else:
             x = self.token_emb(features) + self.pos_emb + self.action_emb(action)[:, None]
         x = rearrange(x, "b (h w) c -> b c h w", h=self.grid)
