@@ -251,7 +251,7 @@ class GenieSession:
                 self.last_outcomes = m.outcomes.probabilities(features, action)
             m.dynamics.step(self.cache, tokens, action, commit=True)
             grid = m.config.token_grid
-            frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid))[:, :, 0].float()
+            frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid), context=self.last_frame)[:, :, 0].float()
         self.last_frame = frame
         self.last_tokens = tokens
         self.steps += 1
