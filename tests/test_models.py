@@ -511,3 +511,22 @@ def test_context_tokenizer_decode_reads_the_context():
 def test_context_tokenizer_config_is_validated():
     with pytest.raises(ConfigError, match="tokenizer_context"):
         GenieConfig(tokenizer_context=2)
+
+
+def test_context_tokenizer_validation_metrics():
+    """Frame 1 decodes against the real frame 0 both ways, so its autoregressive and teacher-forced PSNR agree."""
+    from training.evaluate import context_tokenizer_metrics, tokenizer_metrics
+    from training.metrics import psnr
+
+    torch.manual_seed(0)
+    model = Genie(tiny_config(tokenizer_context=1, bf16=False)).eval()
+    x = frames(b=3, t=6)
+    res = tokenizer_metrics(model, x, bs=2)
+    assert {"tokenizer_psnr_tf", "tokenizer_psnr_ar@1", "tokenizer_psnr_ar@4", "tokens_changed"} <= set(res)
+    assert "tokenizer_psnr_ar@8" not in res and res["_ar"].shape == x.shape and res["_tokens"].shape == (3, 6, 4, 4)
+    tok = model.tokenizer
+    with torch.no_grad():
+        tf1 = psnr(tok.decode_given(res["_tokens"][:, 1:2], x[:, :, :1]), x[:, :, 1:2]).mean()
+    assert abs(res["tokenizer_psnr_ar@1"] - float(tf1)) < 1e-4
+    assert 0 <= res["tokens_changed"] <= 1
+    assert context_tokenizer_metrics(model, x)["tokenizer_psnr"] == res["tokenizer_psnr_ar"]
