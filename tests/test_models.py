@@ -530,3 +530,18 @@ def test_context_tokenizer_validation_metrics():
     assert abs(res["tokenizer_psnr_ar@1"] - float(tf1)) < 1e-4
     assert 0 <= res["tokens_changed"] <= 1
     assert context_tokenizer_metrics(model, x)["tokenizer_psnr"] == res["tokenizer_psnr_ar"]
+
+
+def test_context_tokenizer_closed_loop_decodes_its_own_tokens():
+    """Closed-loop codes decode, frame by frame against the previous decoded frame, to what encoding saw."""
+    torch.manual_seed(0)
+    tok = Genie(tiny_config(tokenizer_context=1)).tokenizer.eval()
+    x, c = frames(t=4), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens, decoded = tok.encode_closed_loop(x, context=c)
+        assert tokens.shape == (2, 4, 4, 4) and decoded.shape == x.shape
+        assert torch.allclose(tok.decode(tokens, context=c), decoded, atol=1e-6)
+        assert torch.equal(tokens[:, :1], tok.encode(x[:, :, :1], context=c))  # frame 0: the real context
+    plain = tiny_model().tokenizer
+    tokens, decoded = plain.encode_closed_loop(x)
+    assert torch.equal(tokens, plain.encode(x)) and torch.equal(decoded, plain.decode(tokens))

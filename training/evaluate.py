@@ -89,11 +89,12 @@ def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> di
     """A tokenizer with context over (N, 3, T, H, W) clips, frame 0 real and the context of frame 1:
     ``tokenizer_psnr_tf`` frames 1.. each decoded against the real frame before (teacher forcing);
     ``tokenizer_psnr_ar`` (the headline ``tokenizer_psnr``) and ``tokenizer_psnr_ar@k`` decoded as at play
-    time, each against the previous decoded frame; ``tokenizer_psnr_nocontext`` frame 0 coded alone;
-    ``tokens_changed`` between consecutive frames 1..; "_tokens" (N, T, h, w) as `Genie.tokenize` gives them;
-    "_ar" (N, 3, T, H, W) frame 0 and the play-time decodes."""
+    time, each against the previous decoded frame; ``tokenizer_psnr_cl`` and ``tokenizer_psnr_cl@k`` coded
+    and decoded closed-loop (`encode_closed_loop`); ``tokenizer_psnr_nocontext`` frame 0 coded alone;
+    ``tokens_changed`` (``_cl``: closed-loop) between consecutive frames 1..; "_tokens" (N, T, h, w) as
+    `Genie.tokenize` gives them; "_ar" (N, 3, T, H, W) frame 0 and the play-time decodes."""
     tok = model.tokenizer
-    tf, ar, alone, toks, decs = [], [], [], [], []
+    tf, ar, cl, alone, toks, cl_toks, decs = [], [], [], [], [], [], []
     with model._autocast():
         for sl in _batches(x.shape[0], bs):
             clip = x[sl]
@@ -105,6 +106,9 @@ def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> di
             dec = tok.decode(t, context=clip[:, :, 0]).float()
             decs.append(torch.cat([clip[:, :, :1], dec], dim=2))
             ar.append(psnr(dec, clip[:, :, 1:]))
+            cl_tokens, cl_dec = tok.encode_closed_loop(clip[:, :, 1:], context=clip[:, :, 0])
+            cl.append(psnr(cl_dec, clip[:, :, 1:]))
+            cl_toks.append(cl_tokens)
             alone.append(psnr(tok.decode(full[:, :1]).float(), clip[:, :, :1]))
     tok_all, ar_all = torch.cat(toks), torch.cat(ar)
     res = {"tokenizer_psnr": float(ar_all.mean()), "tokenizer_psnr_tf": float(torch.cat(tf).mean()),
@@ -112,8 +116,14 @@ def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> di
     for k in AR_FRAMES:
         if k <= ar_all.shape[1]:
             res[f"tokenizer_psnr_ar@{k}"] = float(ar_all[:, k - 1].mean())
+    cl_all = torch.cat(cl)
+    res["tokenizer_psnr_cl"] = float(cl_all.mean())
+    for k in AR_FRAMES:
+        if k <= cl_all.shape[1]:
+            res[f"tokenizer_psnr_cl@{k}"] = float(cl_all[:, k - 1].mean())
     res["tokenizer_psnr_nocontext"] = float(torch.cat(alone).mean())
     res["tokens_changed"] = tokens_changed(tok_all[:, 1:])
+    res["tokens_changed_cl"] = tokens_changed(torch.cat(cl_toks))
     res["codebook_usage"] = float(tok_all.unique().numel() / model.config.tokenizer_vocab_size)
     return {**res, "_tokens": tok_all, "_ar": torch.cat(decs)}
 

@@ -11,7 +11,8 @@ With ``tokenizer_context=1`` both halves also see the previous frame (context-aw
 Delta-IRIS): the encoder reads it beside the frame, and a context encoder gives the decoder its features
 at every resolution, so tokens code what changed while backgrounds and sprites persist through the
 decoder. Encoding and training condition on the previous real frame; `decode` conditions each frame on
-the previous decoded one. Frame 0 without a frame before it is coded against a mid-grey frame.
+the previous decoded one; `encode_closed_loop` codes each frame against the previous decoded one, as
+`decode` will see it. Frame 0 without a frame before it is coded against a mid-grey frame.
 """
 
 from __future__ import annotations
@@ -94,6 +95,27 @@ class VideoTokenizer(nn.Module):
         is coded against the real frame before it; frame 0 against ``context`` (B, 3, H, W) if given."""
         previous = self._previous(frames, context) if self.context else None
         return self.quantizer.nearest(self._encode_latents(frames, previous))
+
+    def encode_closed_loop(self, frames: torch.Tensor, context: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) tokens and (B, 3, T, H, W) their `decode`: frame
+        by frame, each coded against the previous *decoded* frame (as a predictive video codec), so its
+        tokens also correct what the decoder got wrong before and errors do not pile up. Frame 0 against
+        ``context`` (B, 3, H, W) or the no-context frame. Without tokenizer_context, `encode` and `decode`."""
+        if not self.context:
+            tokens = self.encode(frames)
+            return tokens, self.decode(tokens)
+        b, _, _, size, _ = frames.shape
+        prev = (torch.full((b, self.config.in_channels, size, size), 0.5, device=frames.device)
+                if context is None else context.float())
+        toks, outs = [], []
+        for t in range(frames.shape[2]):
+            p = prev[:, :, None].to(frames.dtype)
+            tok = self.quantizer.nearest(self._encode_latents(frames[:, :, t : t + 1], p))
+            prev = self.decode_given(tok, p)[:, :, 0]
+            toks.append(tok)
+            outs.append(prev)
+        return torch.cat(toks, dim=1), torch.stack(outs, dim=2)
 
     def decode_given(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, h, w) long tokens (and with context (B, 3, T, H, W) the frame before each, in [0, 1]) ->
