@@ -34,6 +34,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "tokenizer_channels": (4, 1024),
     "tokenizer_latent_dim": (2, 1024),
     "tokenizer_num_res_blocks": (0, 16),
+    "tokenizer_context": (0, 1),
     "action_vocab_size": (2, 256),
     "lam_context_frames": (1, 16),
     "lam_channels": (4, 1024),
@@ -94,7 +95,7 @@ class GenieConfig:
     in_channels: int = 3
     """Colour channels (RGB)."""
 
-    # --- video tokenizer (VQ-VAE, per frame: a frame's tokens depend on that frame alone) ---
+    # --- video tokenizer (VQ-VAE, per frame; with tokenizer_context 1, also on the frame before) ---
     tokenizer_vocab_size: int = 1024
     """Codebook size of the video tokenizer."""
     tokenizer_patch_size: int = 8
@@ -105,6 +106,9 @@ class GenieConfig:
     """Dimension of a codebook vector."""
     tokenizer_num_res_blocks: int = 1
     """Residual blocks per resolution level."""
+    tokenizer_context: int = 0
+    """Previous frames the tokenizer conditions on: 0 codes each frame alone; 1 also gives its encoder and
+    decoder the frame before, so tokens code what changed (context-aware tokenization, Delta-IRIS)."""
     tokenizer_commitment: float = 0.25
     """Weight of the commitment loss (encoder output pulled towards its code)."""
     tokenizer_ema_decay: float = 0.99

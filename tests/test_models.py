@@ -433,3 +433,117 @@ def test_quantizer_returns_the_code_its_index_names(ema_decay):
     assert not torch.equal(vq.embed.detach(), before)  # the step did update/restart codes
     torch.testing.assert_close(out.quantized, before[out.indices])
     torch.testing.assert_close(out.commitment_loss, ((z - before[out.indices]) ** 2).mean())
+
+
+# ---------------------------------------------------------------------------------------------- context tokenizer
+def test_tokenizer_without_context_is_unchanged():
+    """tokenizer_context=0 keeps the per-frame tokenizer: same parameters, same outputs for the same weights."""
+    from einops import rearrange
+
+    from genie_env.models.blocks import ConvDecoder
+
+    tok = tiny_model().tokenizer
+    assert isinstance(tok.decoder, ConvDecoder) and not hasattr(tok, "context_encoder")
+    assert tok.encoder.net[1].in_channels == 3 * 4
+    x = frames(t=3)
+    z = rearrange(tok.encoder(rearrange(x, "b c t H W -> (b t) c H W") * 2 - 1), "(b t) d h w -> b t h w d", b=2)
+    want_tokens = tok.quantizer.nearest(z)
+    assert torch.equal(tok.encode(x), want_tokens)
+    codes = rearrange(tok.quantizer.codes(want_tokens), "b t h w d -> (b t) d h w")
+    want = rearrange(((tok.decoder(codes) + 1) / 2).clamp(0, 1), "(b t) c H W -> b c t H W", b=2)
+    assert torch.equal(tok.decode(want_tokens), want)
+    assert torch.equal(tok.decode(want_tokens, context=torch.rand(2, 3, 16, 16)), want)  # no context to read
+    # a state dict of the per-frame tokenizer loads strictly
+    tiny_model(seed=1).tokenizer.load_state_dict(tok.state_dict(), strict=True)
+
+
+def test_shipped_weights_load_with_context_default():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "weights"
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip("no shipped weights")
+    model = Genie.from_pretrained(folder)
+    assert model.config.tokenizer_context == 0
+
+
+def test_context_tokenizer_shapes_and_gradients():
+    torch.manual_seed(0)
+    model = Genie(tiny_config(tokenizer_context=1))
+    tok = model.tokenizer
+    x = frames(t=4)
+    out = tok(x)
+    assert out.reconstruction.shape == (2, 3, 3, 16, 16) and out.tokens.shape == (2, 3, 4, 4)
+    out.loss.backward()
+    grads = [p.grad for p in tok.context_encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    tok.eval()
+    tokens = model.tokenize(x)
+    assert tokens.shape == (2, 4, 4, 4)
+    rec = model.detokenize(tokens)
+    assert rec.shape == x.shape and float(rec.min()) >= 0 and float(rec.max()) <= 1
+    with torch.no_grad():
+        assert tok(x[:, :, :1]).reconstruction.shape == (2, 3, 1, 16, 16)  # a lone frame: no context
+        # teacher forcing decodes every frame against the frame given before it
+        prev = tok._previous(x, x[:, :, 0])
+        assert tok.decode_given(tokens, prev).shape == x.shape
+
+
+def test_context_tokenizer_decode_reads_the_context():
+    """decode's frame 0 is the given context frame's continuation, later frames the previous decoded frame's;
+    a decoder that ignored the frame before would decode the same frames whatever the context."""
+    torch.manual_seed(0)
+    tok = Genie(tiny_config(tokenizer_context=1)).tokenizer.eval()
+    x = frames(t=3)
+    tokens = tok.encode(x)
+    c1, c2 = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        a, b = tok.decode(tokens, context=c1), tok.decode(tokens, context=c2)
+        assert (a[:, :, 0] - b[:, :, 0]).abs().max() > 1e-3
+        assert torch.allclose(a[:, :, :1], tok.decode_given(tokens[:, :1], c1[:, :, None]), atol=1e-6)
+        assert torch.allclose(a[:, :, 1:2], tok.decode_given(tokens[:, 1:2], a[:, :, :1]), atol=1e-6)
+        grey = tok.decode(tokens)
+        assert torch.allclose(grey[:, :, :1], tok.decode_given(tokens[:, :1], torch.full_like(c1, 0.5)[:, :, None]),
+                              atol=1e-6)
+        # the encoder codes the change: same frame, different frame before, different latents
+        assert not torch.equal(tok._encode_latents(x[:, :, 1:2], c1[:, :, None]),
+                               tok._encode_latents(x[:, :, 1:2], c2[:, :, None]))
+
+
+def test_context_tokenizer_config_is_validated():
+    with pytest.raises(ConfigError, match="tokenizer_context"):
+        GenieConfig(tokenizer_context=2)
+
+
+def test_context_tokenizer_validation_metrics():
+    """Frame 1 decodes against the real frame 0 both ways, so its autoregressive and teacher-forced PSNR agree."""
+    from training.evaluate import context_tokenizer_metrics, tokenizer_metrics
+    from training.metrics import psnr
+
+    torch.manual_seed(0)
+    model = Genie(tiny_config(tokenizer_context=1, bf16=False)).eval()
+    x = frames(b=3, t=6)
+    res = tokenizer_metrics(model, x, bs=2)
+    assert {"tokenizer_psnr_tf", "tokenizer_psnr_ar@1", "tokenizer_psnr_ar@4", "tokens_changed"} <= set(res)
+    assert "tokenizer_psnr_ar@8" not in res and res["_ar"].shape == x.shape and res["_tokens"].shape == (3, 6, 4, 4)
+    tok = model.tokenizer
+    with torch.no_grad():
+        tf1 = psnr(tok.decode_given(res["_tokens"][:, 1:2], x[:, :, :1]), x[:, :, 1:2]).mean()
+    assert abs(res["tokenizer_psnr_ar@1"] - float(tf1)) < 1e-4
+    assert 0 <= res["tokens_changed"] <= 1
+    assert context_tokenizer_metrics(model, x)["tokenizer_psnr"] == res["tokenizer_psnr_ar"]
+
+
+def test_context_tokenizer_closed_loop_decodes_its_own_tokens():
+    """Closed-loop codes decode, frame by frame against the previous decoded frame, to what encoding saw."""
+    torch.manual_seed(0)
+    tok = Genie(tiny_config(tokenizer_context=1)).tokenizer.eval()
+    x, c = frames(t=4), torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens, decoded = tok.encode_closed_loop(x, context=c)
+        assert tokens.shape == (2, 4, 4, 4) and decoded.shape == x.shape
+        assert torch.allclose(tok.decode(tokens, context=c), decoded, atol=1e-6)
+        assert torch.equal(tokens[:, :1], tok.encode(x[:, :, :1], context=c))  # frame 0: the real context
+    plain = tiny_model().tokenizer
+    tokens, decoded = plain.encode_closed_loop(x)
+    assert torch.equal(tokens, plain.encode(x)) and torch.equal(decoded, plain.decode(tokens))

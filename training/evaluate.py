@@ -76,15 +76,69 @@ def _batches(n: int, bs: int):
         yield slice(i, min(n, i + bs))
 
 
+def tokens_changed(tokens: torch.Tensor) -> float:
+    """Share of token positions whose code differs from the frame before, over (B, T, h, w) tokens."""
+    return float((tokens[:, 1:] != tokens[:, :-1]).float().mean()) if tokens.shape[1] > 1 else 0.0
+
+
+AR_FRAMES = (1, 4, 8, 15)
+
+
+@torch.no_grad()
+def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> dict:
+    """A tokenizer with context over (N, 3, T, H, W) clips, frame 0 real and the context of frame 1:
+    ``tokenizer_psnr_tf`` frames 1.. each decoded against the real frame before (teacher forcing);
+    ``tokenizer_psnr_ar`` (the headline ``tokenizer_psnr``) and ``tokenizer_psnr_ar@k`` decoded as at play
+    time, each against the previous decoded frame; ``tokenizer_psnr_cl`` and ``tokenizer_psnr_cl@k`` coded
+    and decoded closed-loop (`encode_closed_loop`); ``tokenizer_psnr_nocontext`` frame 0 coded alone;
+    ``tokens_changed`` (``_cl``: closed-loop) between consecutive frames 1..; "_tokens" (N, T, h, w) as
+    `Genie.tokenize` gives them; "_ar" (N, 3, T, H, W) frame 0 and the play-time decodes."""
+    tok = model.tokenizer
+    tf, ar, cl, alone, toks, cl_toks, decs = [], [], [], [], [], [], []
+    with model._autocast():
+        for sl in _batches(x.shape[0], bs):
+            clip = x[sl]
+            full = tok.encode(clip)  # frame t against the real frame t-1, frame 0 alone
+            t = full[:, 1:]
+            toks.append(full)
+            prev = tok._previous(clip[:, :, 1:], clip[:, :, 0])
+            tf.append(psnr(tok.decode_given(t, prev), clip[:, :, 1:]))
+            dec = tok.decode(t, context=clip[:, :, 0]).float()
+            decs.append(torch.cat([clip[:, :, :1], dec], dim=2))
+            ar.append(psnr(dec, clip[:, :, 1:]))
+            cl_tokens, cl_dec = tok.encode_closed_loop(clip[:, :, 1:], context=clip[:, :, 0])
+            cl.append(psnr(cl_dec, clip[:, :, 1:]))
+            cl_toks.append(cl_tokens)
+            alone.append(psnr(tok.decode(full[:, :1]).float(), clip[:, :, :1]))
+    tok_all, ar_all = torch.cat(toks), torch.cat(ar)
+    res = {"tokenizer_psnr": float(ar_all.mean()), "tokenizer_psnr_tf": float(torch.cat(tf).mean()),
+           "tokenizer_psnr_ar": float(ar_all.mean())}
+    for k in AR_FRAMES:
+        if k <= ar_all.shape[1]:
+            res[f"tokenizer_psnr_ar@{k}"] = float(ar_all[:, k - 1].mean())
+    cl_all = torch.cat(cl)
+    res["tokenizer_psnr_cl"] = float(cl_all.mean())
+    for k in AR_FRAMES:
+        if k <= cl_all.shape[1]:
+            res[f"tokenizer_psnr_cl@{k}"] = float(cl_all[:, k - 1].mean())
+    res["tokenizer_psnr_nocontext"] = float(torch.cat(alone).mean())
+    res["tokens_changed"] = tokens_changed(tok_all[:, 1:])
+    res["tokens_changed_cl"] = tokens_changed(torch.cat(cl_toks))
+    res["codebook_usage"] = float(tok_all.unique().numel() / model.config.tokenizer_vocab_size)
+    return {**res, "_tokens": tok_all, "_ar": torch.cat(decs)}
+
+
 @torch.no_grad()
 def tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> dict:
+    if model.config.tokenizer_context:
+        return context_tokenizer_metrics(model, x, bs)
     ps, toks = [], []
     for sl in _batches(x.shape[0], bs):
         t = model.tokenize(x[sl])
         toks.append(t)
         ps.append(psnr(model.detokenize(t), x[sl]))
     tok = torch.cat(toks)
-    return {"tokenizer_psnr": float(torch.cat(ps).mean()),
+    return {"tokenizer_psnr": float(torch.cat(ps).mean()), "tokens_changed": tokens_changed(tok),
             "codebook_usage": float(tok.unique().numel() / model.config.tokenizer_vocab_size),
             "_tokens": tok}
 
@@ -160,7 +214,10 @@ def evaluate_stage(model: Genie, stage: str, clips: dict, samples_to: Path | Non
     x = clips["frames"].to(model.device)
     if stage == "tokenizer":
         tm = tokenizer_metrics(model, x)
-        if samples_to:
+        if samples_to and "_ar" in tm:  # rows: real, decoded as at play time; columns: frames 0..
+            save_strip(torch.stack([x[:4], tm["_ar"][:4]], 1).flatten(0, 1).transpose(1, 2)[:, :8],
+                       samples_to.with_suffix(".png"))
+        elif samples_to:
             n = min(8, x.shape[0])
             save_strip(torch.stack([x[:n, :, 0], model.detokenize(tm["_tokens"][:n, :1])[:, :, 0]], 1),
                        samples_to.with_suffix(".png"))

@@ -77,6 +77,60 @@ class ConvDecoder(nn.Module):
         return self.net(x)
 
 
+class PyramidEncoder(nn.Module):
+    """(B, c_in, H, W) -> feature maps at 1/2, 1/4, ..., 1/2**levels resolution (finest first), with
+    `level_channels(base, levels)` channels: the context a `SkipDecoder` reads at each of its levels."""
+
+    def __init__(self, c_in: int, base: int, levels: int, res_blocks: int) -> None:
+        super().__init__()
+        chans = level_channels(base, levels)
+        self.stem = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(c_in * 4, chans[0], 3, padding=1))
+        self.levels = nn.ModuleList(
+            nn.Sequential(*[ResBlock(chans[i]) for _ in range(max(res_blocks, 1))]) for i in range(levels)
+        )
+        self.down = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1)
+                                  for i in range(levels - 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        h = self.stem(x)
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            feats.append(h)
+            if i < len(self.down):
+                h = self.down[i](h)
+        return feats
+
+
+class SkipDecoder(nn.Module):
+    """`ConvDecoder` that also reads a `PyramidEncoder`'s features of another image (U-Net skips):
+    (B, c_in, h, w) latents and [(B, c_l, H / 2**(l+1), W / 2**(l+1))] features, finest first ->
+    (B, c_out, h * 2**levels, w * 2**levels). Each level adds a 1x1 projection of the features of its
+    resolution before its residual blocks, which can then copy or shift that detail locally."""
+
+    def __init__(self, c_in: int, c_out: int, base: int, levels: int, res_blocks: int) -> None:
+        super().__init__()
+        chans = level_channels(base, levels)[::-1]
+        self.inp = nn.Conv2d(c_in, chans[0], 3, padding=1)
+        self.fuse = nn.ModuleList(nn.Conv2d(c, c, 1) for c in chans)
+        self.levels = nn.ModuleList(
+            nn.Sequential(*[ResBlock(chans[i]) for _ in range(max(res_blocks, 1))]) for i in range(levels)
+        )
+        self.up = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chans[i], chans[i + 1], 3, padding=1))
+            for i in range(levels - 1)
+        )
+        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(chans[-1], c_out * 4, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        h = self.inp(x)
+        for i, level in enumerate(self.levels):
+            h = level(h + self.fuse[i](skips[-1 - i]))
+            if i < len(self.up):
+                h = self.up[i](h)
+        return self.out(h)
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, ratio: int) -> None:
         super().__init__()

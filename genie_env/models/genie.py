@@ -283,7 +283,7 @@ class GenieSession:
                     features = self.last_tokens
                 self.last_outcomes = m.outcomes.probabilities(features, action)
             grid = m.config.token_grid
-            frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid))[:, :, 0].float()
+            frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid), context=self.last_frame)[:, :, 0].float()
         self.last_frame = frame
         self.prev_tokens = self.last_tokens
         self.last_tokens = tokens

@@ -6,6 +6,13 @@ The paper's tokenizer is an ST-ViViT whose tokens are causal in time. Here each 
 own by a convolutional VQ-VAE: causal by construction (a frame's tokens depend on that frame alone), so
 during play only the new frame is decoded, and on this CPU a conv tokenizer reached higher PSNR per
 minute of training than the transformer variants (see the model card for the measurements).
+
+With ``tokenizer_context=1`` both halves also see the previous frame (context-aware tokenization, as
+Delta-IRIS): the encoder reads it beside the frame, and a context encoder gives the decoder its features
+at every resolution, so tokens code what changed while backgrounds and sprites persist through the
+decoder. Encoding and training condition on the previous real frame; `decode` conditions each frame on
+the previous decoded one; `encode_closed_loop` codes each frame against the previous decoded one, as
+`decode` will see it. Frame 0 without a frame before it is coded against a mid-grey frame.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from genie_env.config import GenieConfig
-from genie_env.models.blocks import ConvDecoder, ConvEncoder
+from genie_env.models.blocks import ConvDecoder, ConvEncoder, PyramidEncoder, SkipDecoder
 from genie_env.models.quantizer import VectorQuantizer
 
 
@@ -40,10 +47,17 @@ class VideoTokenizer(nn.Module):
         self.config = config
         levels = config.tokenizer_patch_size.bit_length() - 1
         c = config.in_channels
-        self.encoder = ConvEncoder(c, config.tokenizer_latent_dim, config.tokenizer_channels, levels,
-                                   config.tokenizer_num_res_blocks)
-        self.decoder = ConvDecoder(config.tokenizer_latent_dim, c, config.tokenizer_channels, levels,
-                                   config.tokenizer_num_res_blocks)
+        self.context = config.tokenizer_context
+        self.encoder = ConvEncoder(c * (1 + self.context), config.tokenizer_latent_dim, config.tokenizer_channels,
+                                   levels, config.tokenizer_num_res_blocks)
+        if self.context:
+            self.context_encoder = PyramidEncoder(c, config.tokenizer_channels, levels,
+                                                  config.tokenizer_num_res_blocks)
+            self.decoder = SkipDecoder(config.tokenizer_latent_dim, c, config.tokenizer_channels, levels,
+                                       config.tokenizer_num_res_blocks)
+        else:
+            self.decoder = ConvDecoder(config.tokenizer_latent_dim, c, config.tokenizer_channels, levels,
+                                       config.tokenizer_num_res_blocks)
         self.quantizer = VectorQuantizer(
             config.tokenizer_vocab_size,
             config.tokenizer_latent_dim,
@@ -51,32 +65,100 @@ class VideoTokenizer(nn.Module):
             dead_code_threshold=config.tokenizer_dead_code_threshold,
         )
 
-    def _encode_latents(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) in [0, 1] -> (B, T, h, w, d) continuous latents."""
+    no_context_rate = 0.1
+    """Training: share of frames coded against the no-context (mid-grey) frame, so that frame 0 decodes."""
+
+    def _previous(self, frames: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, 3, T, H, W) the frame before each: ``context`` (B, 3, H, W) or mid grey
+        for frame 0, then the real frames."""
+        first = torch.full_like(frames[:, :, :1], 0.5) if context is None else context.to(frames.dtype)[:, :, None]
+        return torch.cat([first, frames[:, :, :-1]], dim=2)
+
+    def _encode_latents(self, frames: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W) in [0, 1] (and with context the frames before them) -> (B, T, h, w, d) latents."""
         b = frames.shape[0]
         x = rearrange(frames, "b c t H W -> (b t) c H W") * 2 - 1
+        if self.context:
+            x = torch.cat([x, rearrange(previous, "b c t H W -> (b t) c H W") * 2 - 1], dim=1)
         z = self.encoder(x)
         return rearrange(z, "(b t) d h w -> b t h w d", b=b)
 
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) long tokens."""
-        return self.quantizer.nearest(self._encode_latents(frames))
+    def _decode_pixels(self, z: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """(N, d, h, w) codes (and (B, 3, T, H, W) previous frames, N = B T) -> (N, 3, H, W) in [-1, 1]."""
+        if not self.context:
+            return self.decoder(z)
+        p = rearrange(previous, "b c t H W -> (b t) c H W").to(z.dtype) * 2 - 1
+        return self.decoder(z, self.context_encoder(p))
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, h, w) long tokens -> (B, 3, T, H, W) frames in [0, 1]."""
+    def encode(self, frames: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) long tokens. With tokenizer_context, each frame
+        is coded against the real frame before it; frame 0 against ``context`` (B, 3, H, W) if given."""
+        previous = self._previous(frames, context) if self.context else None
+        return self.quantizer.nearest(self._encode_latents(frames, previous))
+
+    def encode_closed_loop(self, frames: torch.Tensor, context: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) tokens and (B, 3, T, H, W) their `decode`: frame
+        by frame, each coded against the previous *decoded* frame (as a predictive video codec), so its
+        tokens also correct what the decoder got wrong before and errors do not pile up. Frame 0 against
+        ``context`` (B, 3, H, W) or the no-context frame. Without tokenizer_context, `encode` and `decode`."""
+        if not self.context:
+            tokens = self.encode(frames)
+            return tokens, self.decode(tokens)
+        b, _, _, size, _ = frames.shape
+        prev = (torch.full((b, self.config.in_channels, size, size), 0.5, device=frames.device)
+                if context is None else context.float())
+        toks, outs = [], []
+        for t in range(frames.shape[2]):
+            p = prev[:, :, None].to(frames.dtype)
+            tok = self.quantizer.nearest(self._encode_latents(frames[:, :, t : t + 1], p))
+            prev = self.decode_given(tok, p)[:, :, 0]
+            toks.append(tok)
+            outs.append(prev)
+        return torch.cat(toks, dim=1), torch.stack(outs, dim=2)
+
+    def decode_given(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, h, w) long tokens (and with context (B, 3, T, H, W) the frame before each, in [0, 1]) ->
+        (B, 3, T, H, W) frames in [0, 1]: every frame decoded at once (teacher forcing)."""
         b = tokens.shape[0]
         z = self.quantizer.codes(tokens)
         z = rearrange(z, "b t h w d -> (b t) d h w").to(next(self.decoder.parameters()).dtype)
-        x = self.decoder(z)
+        x = self._decode_pixels(z, previous)
         x = ((x.float() + 1) / 2).clamp(0, 1)
         return rearrange(x, "(b t) c H W -> b c t H W", b=b)
 
+    def decode(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, h, w) long tokens -> (B, 3, T, H, W) frames in [0, 1]. With tokenizer_context, frame by
+        frame, each against the previous decoded frame; frame 0 against ``context`` (B, 3, H, W) if given."""
+        if not self.context:
+            return self.decode_given(tokens)
+        b, _, h, w = tokens.shape
+        size = h * self.config.tokenizer_patch_size
+        prev = (torch.full((b, self.config.in_channels, size, size), 0.5, device=tokens.device)
+                if context is None else context.float())
+        out = []
+        for t in range(tokens.shape[1]):
+            prev = self.decode_given(tokens[:, t : t + 1], prev[:, :, None])[:, :, 0]
+            out.append(prev)
+        return torch.stack(out, dim=2)
+
     def forward(self, frames: torch.Tensor) -> TokenizerOutput:
-        """Reconstruct frames through the codebook; the loss is MSE + beta * commitment."""
+        """Reconstruct frames through the codebook; the loss is MSE + beta * commitment. With
+        tokenizer_context, frames 1.. are the targets, each against the real frame before it (a single
+        frame against the no-context frame); in training a share of them against the no-context frame."""
         b = frames.shape[0]
-        q = self.quantizer(self._encode_latents(frames))
+        previous = None
+        if self.context:
+            if frames.shape[2] > 1:
+                previous, frames = frames[:, :, :-1], frames[:, :, 1:]
+            else:
+                previous = torch.full_like(frames, 0.5)
+            if self.training and self.no_context_rate > 0:
+                drop = torch.rand(b, 1, frames.shape[2], 1, 1, device=frames.device) < self.no_context_rate
+                previous = torch.where(drop, torch.full_like(previous, 0.5), previous)
+        q = self.quantizer(self._encode_latents(frames, previous))
         z = rearrange(q.quantized, "b t h w d -> (b t) d h w")
-        recon = rearrange(self.decoder(z), "(b t) c H W -> b c t H W", b=b)
+        recon = rearrange(self._decode_pixels(z, previous), "(b t) c H W -> b c t H W", b=b)
         target = frames * 2 - 1
         recon_loss = F.mse_loss(recon.float(), target)
         loss = recon_loss + self.config.tokenizer_commitment * q.commitment_loss + q.codebook_loss
