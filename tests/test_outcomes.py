@@ -349,3 +349,14 @@ def test_reward_stage_trains_heads_on_a_release(tmp_path):
     assert float(model.outcomes.logit_offset[0]) == pytest.approx(-np.log(20.0))
     assert (out / "reward" / "release" / "prompts.npz").is_file()  # the env can play the release
     assert "val_terminated_recall" in (out / "reward" / "val_metrics.csv").read_text()
+    # other heads on top of that release (its heads do not fit them: they start from scratch), with the endings
+    # of an episode-ends recording joining the pool
+    ends = _outcome_videos(tmp_path / "e", n=6, frames=6, episode_ends=6)
+    r = run("-m", "training.train", "--config", str(cfg), "--data", str(data), "--ends-data", str(ends),
+            "--out", str(tmp_path / "run2"), "--stage", "reward", "--init-from", str(out / "reward" / "release"),
+            "--no-progress", "--threads", "1", "outcome_input=tokens", "outcome_frames=2", "stages.reward.max_steps=4",
+            "stages.reward.batch_size=4")
+    assert "differ from the config's" in r.stdout + r.stderr
+    assert "8 ends" in r.stdout and "2 recording(s)" in r.stdout  # 4 + 4 ends
+    model = Genie.from_pretrained(tmp_path / "run2" / "reward" / "release")
+    assert model.config.outcome_frames == 2 and model.outcomes.prev_emb.weight.shape[0] == model.config.tokenizer_vocab_size

@@ -363,6 +363,10 @@ class Trainer:
             sources = {part: Path(self.args.init_from) for part in needed + (_PART[stage],)}
             if stage == "reward" and not _has_part(Path(self.args.init_from), "outcomes"):
                 del sources["outcomes"]  # a release without heads: they start from scratch
+            elif stage == "reward" and not _heads_match(Path(self.args.init_from), self.config):
+                self.log(f"stage reward: the heads in {self.args.init_from} differ from the config's "
+                         "(outcome_input / outcome_dim / outcome_frames): they start from scratch")
+                del sources["outcomes"]
         elif stage == "reward":  # the model the dynamics stage finished, all parts of it
             rel = self.out / "dynamics" / "release"
             if not (rel / "model.safetensors").is_file():
@@ -704,6 +708,17 @@ def _reward_context(cfg: GenieConfig, rng: np.random.Generator) -> int:
 
 
 _PART = {"tokenizer": "tokenizer", "lam": "latent_actions", "dynamics": "dynamics", "reward": "outcomes"}
+
+
+def _heads_match(folder: Path, config: GenieConfig) -> bool:
+    """Whether the release's reward / episode-end heads have the tensors (names and shapes) of the config's."""
+    from genie_env.hub import WEIGHTS_NAME, read_safetensors_header
+    from genie_env.models.outcomes import OutcomeModel
+
+    theirs = {k[len("outcomes."):]: tuple(v["shape"]) for k, v in read_safetensors_header(folder / WEIGHTS_NAME).items()
+              if k.startswith("outcomes.")}
+    mine = {k: tuple(v.shape) for k, v in OutcomeModel(config).state_dict().items()}
+    return theirs == mine
 
 
 def _has_part(folder: Path, part: str) -> bool:
