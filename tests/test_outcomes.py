@@ -359,4 +359,5 @@ def test_reward_stage_trains_heads_on_a_release(tmp_path):
     assert "differ from the config's" in r.stdout + r.stderr
     assert "8 ends" in r.stdout and "2 recording(s)" in r.stdout  # 4 + 4 ends
     model = Genie.from_pretrained(tmp_path / "run2" / "reward" / "release")
-    assert model.config.outcome_frames == 2 and model.outcomes.prev_emb.weight.shape[0] == model.config.tokenizer_vocab_size
+    assert model.config.outcome_frames == 2
+    assert model.outcomes.prev_emb.weight.shape[0] == model.config.tokenizer_vocab_size
