@@ -234,14 +234,16 @@ def real_transition_metrics(genie: Genie, data_dir: str | Path | list, action_ma
     transition, the ``near`` before each and ``max_inside`` random others, counted with weights that stand
     for all of them (`Strata`). ``data_dir`` may be a list of folders: episode-ends recordings among them
     add their ends and near transitions. ``context`` past frames (default: the most the dynamics attends
-    to, ``context_frames - 1``)."""
+    to, ``context_frames - 1``, for hidden-state heads; the latent action model's ``lam_context_frames``,
+    as the reward stage's pool, for token heads)."""
     if genie.outcomes is None:
         raise ValueError("the model has no reward / episode-end heads: train them with --stage reward")
     genie.eval()
     dirs = data_dir if isinstance(data_dir, list | tuple) else [data_dir]
     sources = [OutcomeSampler(FrameCache(d, genie.config.image_size, log=log)) for d in dirs]
     strata = Strata(sources, max_inside, near, np.random.default_rng(seed))
-    k = context or genie.config.context_frames - 1
+    cfg = genie.config  # tokens: the latent action model's context is all a transition needs
+    k = context or (cfg.lam_context_frames if cfg.outcome_input == "tokens" else cfg.context_frames - 1)
     gen = torch.Generator().manual_seed(seed)
     probs, events = [], []
     t0 = time.time()
