@@ -255,8 +255,11 @@ class GenieSession:
             self.last_action = acts[:, -1].clone()
             """(B,) long latent action that led to the last frame (null_action for a one-frame prompt)."""
         else:
+            # out of place: earlier steps' tokens, which callers may hold, stay as they were
             self.last_frame[rows] = prompt[:, :, -1]
+            self.prev_tokens = self.prev_tokens.clone()
             self.prev_tokens[rows] = tokens[:, max(t0 - 2, 0)]
+            self.last_tokens = self.last_tokens.clone()
             self.last_tokens[rows] = tokens[:, -1]
             self.last_action[rows] = acts[:, -1]
 
