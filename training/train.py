@@ -335,7 +335,9 @@ class Trainer:
                     continue
                 status = self.run_stage(stage)
                 if status != "done":
-                    return 0
+                    break
+            if dist.is_initialized():  # every rank done before the group is torn down (gloo's threads)
+                dist.barrier()
             return 0
         finally:
             if self.lock:
