@@ -70,12 +70,11 @@ class OutcomeModel(nn.Module):
         logits (without ``logit_offset``)."""
         if self.input == "hidden":
             x = self.proj(features.to(self.proj.weight.dtype))
-        elif self.frames == 2:
-            prev, cur = features.unbind(1)
-            x = (self.token_emb(cur) + self.pos_emb + self.action_emb(action)[:, None] + self.prev_emb(prev)
-                 + (prev != cur)[..., None] * self.changed)
         else:
-            x = self.token_emb(features) + self.pos_emb + self.action_emb(action)[:, None]
+            prev, cur = features.unbind(1) if self.frames == 2 else (None, features)
+            x = self.token_emb(cur) + self.pos_emb + self.action_emb(action)[:, None]
+            if prev is not None:
+                x = x + self.prev_emb(prev) + (prev != cur)[..., None] * self.changed
         x = rearrange(x, "b (h w) c -> b c h w", h=self.grid)
         x = self.conv(x).flatten(2)  # (b, w, n)
         return self.out(torch.cat([x.amax(-1), x.mean(-1)], dim=1))

@@ -67,12 +67,21 @@ class VideoTokenizer(nn.Module):
 
     no_context_rate = 0.1
     """Training: share of frames coded against the no-context (mid-grey) frame, so that frame 0 decodes."""
+    no_context_value = 0.5
+    """The no-context frame's value in [0, 1] (mid grey): what frame 0 is coded against without a frame before."""
+
+    def _first_previous(self, context: torch.Tensor | None, b: int, size: int, device: torch.device
+                        ) -> torch.Tensor:
+        """(B, 3, H, W) float: the frame before frame 0, ``context`` or the no-context frame."""
+        if context is not None:
+            return context.float()
+        return torch.full((b, self.config.in_channels, size, size), self.no_context_value, device=device)
 
     def _previous(self, frames: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        """(B, 3, T, H, W) -> (B, 3, T, H, W) the frame before each: ``context`` (B, 3, H, W) or mid grey
-        for frame 0, then the real frames."""
-        first = torch.full_like(frames[:, :, :1], 0.5) if context is None else context.to(frames.dtype)[:, :, None]
-        return torch.cat([first, frames[:, :, :-1]], dim=2)
+        """(B, 3, T, H, W) -> (B, 3, T, H, W) the frame before each: ``context`` (B, 3, H, W) or the
+        no-context frame for frame 0, then the real frames."""
+        first = self._first_previous(context, frames.shape[0], frames.shape[-1], frames.device)
+        return torch.cat([first.to(frames.dtype)[:, :, None], frames[:, :, :-1]], dim=2)
 
     def _encode_latents(self, frames: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, T, H, W) in [0, 1] (and with context the frames before them) -> (B, T, h, w, d) latents."""
@@ -105,9 +114,7 @@ class VideoTokenizer(nn.Module):
         if not self.context:
             tokens = self.encode(frames)
             return tokens, self.decode(tokens)
-        b, _, _, size, _ = frames.shape
-        prev = (torch.full((b, self.config.in_channels, size, size), 0.5, device=frames.device)
-                if context is None else context.float())
+        prev = self._first_previous(context, frames.shape[0], frames.shape[-1], frames.device)
         toks, outs = [], []
         for t in range(frames.shape[2]):
             p = prev[:, :, None].to(frames.dtype)
@@ -132,10 +139,8 @@ class VideoTokenizer(nn.Module):
         frame, each against the previous decoded frame; frame 0 against ``context`` (B, 3, H, W) if given."""
         if not self.context:
             return self.decode_given(tokens)
-        b, _, h, w = tokens.shape
-        size = h * self.config.tokenizer_patch_size
-        prev = (torch.full((b, self.config.in_channels, size, size), 0.5, device=tokens.device)
-                if context is None else context.float())
+        size = tokens.shape[2] * self.config.tokenizer_patch_size
+        prev = self._first_previous(context, tokens.shape[0], size, tokens.device)
         out = []
         for t in range(tokens.shape[1]):
             prev = self.decode_given(tokens[:, t : t + 1], prev[:, :, None])[:, :, 0]
@@ -152,10 +157,10 @@ class VideoTokenizer(nn.Module):
             if frames.shape[2] > 1:
                 previous, frames = frames[:, :, :-1], frames[:, :, 1:]
             else:
-                previous = torch.full_like(frames, 0.5)
+                previous = torch.full_like(frames, self.no_context_value)
             if self.training and self.no_context_rate > 0:
                 drop = torch.rand(b, 1, frames.shape[2], 1, 1, device=frames.device) < self.no_context_rate
-                previous = torch.where(drop, torch.full_like(previous, 0.5), previous)
+                previous = torch.where(drop, torch.full_like(previous, self.no_context_value), previous)
         q = self.quantizer(self._encode_latents(frames, previous))
         z = rearrange(q.quantized, "b t h w d -> (b t) d h w")
         recon = rearrange(self._decode_pixels(z, previous), "(b t) c H W -> b c t H W", b=b)
