@@ -547,3 +547,23 @@ def test_context_tokenizer_closed_loop_decodes_its_own_tokens():
     plain = tiny_model().tokenizer
     tokens, decoded = plain.encode_closed_loop(x)
     assert torch.equal(tokens, plain.encode(x)) and torch.equal(decoded, plain.decode(tokens))
+
+
+def test_context_tokenizer_trains_closed_loop_on_longer_clips():
+    """With 3+ frames the training forward codes and decodes as `encode_closed_loop` does (frame 1 against
+    the real frame 0, later frames against the previous decoded frame), so the decoder trains on its own
+    outputs; with 2 frames it stays teacher-forced."""
+    torch.manual_seed(0)
+    tok = Genie(tiny_config(tokenizer_context=1, bf16=False)).tokenizer.eval()
+    x = frames(t=4)
+    with torch.no_grad():
+        out = tok(x)
+        tokens, decoded = tok.encode_closed_loop(x[:, :, 1:], context=x[:, :, 0])
+        assert torch.equal(out.tokens, tokens)
+        assert torch.allclose(out.reconstruction, decoded, atol=1e-5)
+        pair = tok(x[:, :, :2])
+        assert torch.equal(pair.tokens, tok.encode(x[:, :, 1:2], context=x[:, :, 0]))
+    tok.train()
+    loss = tok(x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in tok.decoder.parameters())

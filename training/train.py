@@ -4,12 +4,12 @@
     python -m training.train --config ... --data DATA --out RUN --resume          # continue where it stopped
     torchrun --nproc_per_node 2 -m training.train --config ... --data DATA --out RUN   # several processes
 
-Stages, in order (``--stage`` runs one): ``tokenizer`` (VQ-VAE on single frames; on pairs with
-``tokenizer_context=1``), ``lam`` (the latent action model alone), ``dynamics`` (the dynamics model on
-the frozen tokenizer's tokens and the latent actions, the latent action model co-trained with it unless
-``cotrain_lam: false``, as in the paper) and ``reward`` (the reward / episode-end heads on the frozen
-model, from the outcomes recorded beside the videos; runs only when the config sets ``outcome_input``,
-e.g. ``outcome_input=hidden``).
+Stages, in order (``--stage`` runs one): ``tokenizer`` (VQ-VAE on single frames; with
+``tokenizer_context=1`` on pairs, or closed loop on longer clips), ``lam`` (the latent action model
+alone), ``dynamics`` (the dynamics model on the frozen tokenizer's tokens and the latent actions, the
+latent action model co-trained with it unless ``cotrain_lam: false``, as in the paper) and ``reward``
+(the reward / episode-end heads on the frozen model, from the outcomes recorded beside the videos; runs
+only when the config sets ``outcome_input``, e.g. ``outcome_input=hidden``).
 
 The config YAML holds `GenieConfig` fields, plus optional ``stages: {tokenizer: {...}, lam: {...},
 dynamics: {...}}`` with per-stage training settings (batch_size, learning_rate, max_steps, num_frames,
@@ -405,7 +405,8 @@ class Trainer:
         cfg, extra = stage_config(self.config, self.stage_ov.get(stage, {}))
         if stage == "tokenizer" and cfg.tokenizer_context and cfg.num_frames < 2:
             raise ConfigError("tokenizer_context=1 trains on each frame against the one before: set "
-                              "stages.tokenizer.num_frames=2")
+                              "stages.tokenizer.num_frames=2 (against the real frame before) or more (closed "
+                              "loop: later frames against the previous decoded frame)")
         sdir = self.out / stage
         ckpt_path = sdir / "checkpoint.pt"
         if self.is_main:

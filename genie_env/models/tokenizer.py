@@ -147,20 +147,28 @@ class VideoTokenizer(nn.Module):
             out.append(prev)
         return torch.stack(out, dim=2)
 
+    def _drop_context(self, previous: torch.Tensor) -> torch.Tensor:
+        """Training: replace a share (``no_context_rate``) of the frames before by the no-context frame."""
+        if not (self.training and self.no_context_rate > 0):
+            return previous
+        drop = torch.rand(previous.shape[0], 1, previous.shape[2], 1, 1, device=previous.device) < self.no_context_rate
+        return torch.where(drop, torch.full_like(previous, self.no_context_value), previous)
+
     def forward(self, frames: torch.Tensor) -> TokenizerOutput:
         """Reconstruct frames through the codebook; the loss is MSE + beta * commitment. With
-        tokenizer_context, frames 1.. are the targets, each against the real frame before it (a single
-        frame against the no-context frame); in training a share of them against the no-context frame."""
+        tokenizer_context, frames 1.. are the targets: with 2 frames frame 1 against the real frame 0 (a
+        single frame against the no-context frame); with 3 or more, closed loop (`_forward_closed_loop`).
+        In training a share of the frames before are replaced by the no-context frame."""
         b = frames.shape[0]
         previous = None
         if self.context:
+            if frames.shape[2] > 2:
+                return self._forward_closed_loop(frames)
             if frames.shape[2] > 1:
                 previous, frames = frames[:, :, :-1], frames[:, :, 1:]
             else:
                 previous = torch.full_like(frames, self.no_context_value)
-            if self.training and self.no_context_rate > 0:
-                drop = torch.rand(b, 1, frames.shape[2], 1, 1, device=frames.device) < self.no_context_rate
-                previous = torch.where(drop, torch.full_like(previous, self.no_context_value), previous)
+            previous = self._drop_context(previous)
         q = self.quantizer(self._encode_latents(frames, previous))
         z = rearrange(q.quantized, "b t h w d -> (b t) d h w")
         recon = rearrange(self._decode_pixels(z, previous), "(b t) c H W -> b c t H W", b=b)
@@ -175,3 +183,27 @@ class VideoTokenizer(nn.Module):
             commitment_loss=q.commitment_loss,
             perplexity=q.perplexity,
         )
+
+    def _forward_closed_loop(self, frames: torch.Tensor) -> TokenizerOutput:
+        """Training as the codec is used (`encode_closed_loop`, then `decode` at play time): frame 1 coded and
+        decoded against the real frame 0, each later frame against the previous frame's *decoded* output
+        (detached: no gradient through time), so the decoder learns to work from its own outputs and the
+        tokens learn to correct them. Losses are the mean over frames 1.. ."""
+        prev = frames[:, :, 0]
+        recons, tokens, mse, commit, codebook, perp = [], [], 0.0, 0.0, 0.0, 0.0
+        steps = frames.shape[2] - 1
+        for t in range(1, frames.shape[2]):
+            p = self._drop_context(prev[:, :, None])
+            q = self.quantizer(self._encode_latents(frames[:, :, t : t + 1], p))
+            z = rearrange(q.quantized, "b t h w d -> (b t) d h w")
+            recon = self._decode_pixels(z, p).float()  # (b, 3, H, W) in [-1, 1]
+            mse = mse + F.mse_loss(recon, frames[:, :, t] * 2 - 1) / steps
+            commit, codebook = commit + q.commitment_loss / steps, codebook + q.codebook_loss / steps
+            perp = perp + q.perplexity.detach() / steps
+            prev = ((recon.detach() + 1) / 2).clamp(0, 1)
+            recons.append(prev)
+            tokens.append(q.indices)
+        loss = mse + self.config.tokenizer_commitment * commit + codebook
+        return TokenizerOutput(reconstruction=torch.stack(recons, dim=2), tokens=torch.cat(tokens, dim=1),
+                               loss=loss, recon_loss=mse,
+                               commitment_loss=commit, perplexity=perp)
