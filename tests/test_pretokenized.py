@@ -203,3 +203,16 @@ def test_the_reward_stage_reads_a_dataset_folder_not_a_file(made):
         r = train(cfg, tmp / name, tmp / f"rw-{name}", "--stage", "reward", "--init-from", str(tmp / "release"),
                   "outcome_input=tokens", check=False)
         assert r.returncode == 2 and what in r.stderr and "dataset folder" in r.stderr, r.stderr
+
+
+def test_a_context_tokenizer_is_refused_with_a_reason(made):
+    """Closed-loop tokens depend on where a clip starts: a file of whole videos would not hold the tokens the
+    dynamics sees at play time, so pre-tokenising says so instead of writing them."""
+    from conftest import tiny_config
+    from genie_env import Genie
+
+    tmp, data, _, _ = made
+    model = Genie(tiny_config(tokenizer_context=1)).eval()
+    with pytest.raises(ValueError, match="depend on where the clip starts"):
+        write_tokens_file(model, FrameCache(data, 16), tmp / "ctx.tokens.safetensors", str(data))
+    assert not (tmp / "ctx.tokens.safetensors").exists()

@@ -86,46 +86,46 @@ AR_FRAMES = (1, 4, 8, 15)
 
 @torch.no_grad()
 def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> dict:
-    """A tokenizer with context over (N, 3, T, H, W) clips, frame 0 real and the context of frame 1:
-    ``tokenizer_psnr_tf`` frames 1.. each decoded against the real frame before (teacher forcing);
-    ``tokenizer_psnr_ar`` (the headline ``tokenizer_psnr``) and ``tokenizer_psnr_ar@k`` decoded as at play
-    time, each against the previous decoded frame; ``tokenizer_psnr_cl`` and ``tokenizer_psnr_cl@k`` coded
-    and decoded closed-loop (`encode_closed_loop`); ``tokenizer_psnr_nocontext`` frame 0 coded alone;
-    ``tokens_changed`` (``_cl``: closed-loop) between consecutive frames 1..; "_tokens" (N, T, h, w) as
-    `Genie.tokenize` gives them; "_ar" (N, 3, T, H, W) frame 0 and the play-time decodes."""
+    """A tokenizer with context over (N, 3, T, H, W) clips, frame 0 real and the context of frame 1.
+
+    ``tokenizer_psnr_cl`` (the headline ``tokenizer_psnr``) and ``tokenizer_psnr_cl@k``: frames 1.. coded
+    and decoded closed loop, as a model trains and plays on them (`encode`, `encode_closed_loop`);
+    ``tokenizer_psnr_tf``: frames 1.. coded against the real frame before and decoded against it
+    (teacher forcing, how pairs train); ``tokenizer_psnr_ar`` and ``tokenizer_psnr_ar@k``: those
+    teacher-forced tokens decoded frame by frame against the previous decoded frame (open loop: the
+    drift closed-loop coding removes); ``tokenizer_psnr_nocontext``: frame 0 coded alone;
+    ``tokens_changed`` (teacher forced) and ``tokens_changed_cl`` between consecutive frames 1..;
+    "_tokens" (N, T, h, w) as `Genie.tokenize` gives them; "_ar" (N, 3, T, H, W) frame 0 and the
+    closed-loop decodes of frames 1.. ."""
     tok = model.tokenizer
-    tf, ar, cl, alone, toks, cl_toks, decs = [], [], [], [], [], [], []
+    tf, ar, cl, alone, tf_toks, cl_toks, decs, play_toks = [], [], [], [], [], [], [], []
     with model._autocast():
         for sl in _batches(x.shape[0], bs):
             clip = x[sl]
-            full = tok.encode(clip)  # frame t against the real frame t-1, frame 0 alone
+            full = tok.encode_teacher_forced(clip)  # frame t against the real frame t-1, frame 0 alone
             t = full[:, 1:]
-            toks.append(full)
+            tf_toks.append(full)
+            play_toks.append(tok.encode(clip))
             prev = tok._previous(clip[:, :, 1:], clip[:, :, 0])
             tf.append(psnr(tok.decode_given(t, prev), clip[:, :, 1:]))
-            dec = tok.decode(t, context=clip[:, :, 0]).float()
-            decs.append(torch.cat([clip[:, :, :1], dec], dim=2))
-            ar.append(psnr(dec, clip[:, :, 1:]))
+            ar.append(psnr(tok.decode(t, context=clip[:, :, 0]).float(), clip[:, :, 1:]))
             cl_tokens, cl_dec = tok.encode_closed_loop(clip[:, :, 1:], context=clip[:, :, 0])
             cl.append(psnr(cl_dec, clip[:, :, 1:]))
             cl_toks.append(cl_tokens)
+            decs.append(torch.cat([clip[:, :, :1], cl_dec.float()], dim=2))
             alone.append(psnr(tok.decode(full[:, :1]).float(), clip[:, :, :1]))
-    tok_all, ar_all = torch.cat(toks), torch.cat(ar)
-    res = {"tokenizer_psnr": float(ar_all.mean()), "tokenizer_psnr_tf": float(torch.cat(tf).mean()),
-           "tokenizer_psnr_ar": float(ar_all.mean())}
+    tf_all, ar_all, cl_all = torch.cat(tf_toks), torch.cat(ar), torch.cat(cl)
+    res = {"tokenizer_psnr": float(cl_all.mean()), "tokenizer_psnr_tf": float(torch.cat(tf).mean()),
+           "tokenizer_psnr_ar": float(ar_all.mean()), "tokenizer_psnr_cl": float(cl_all.mean())}
     for k in AR_FRAMES:
         if k <= ar_all.shape[1]:
             res[f"tokenizer_psnr_ar@{k}"] = float(ar_all[:, k - 1].mean())
-    cl_all = torch.cat(cl)
-    res["tokenizer_psnr_cl"] = float(cl_all.mean())
-    for k in AR_FRAMES:
-        if k <= cl_all.shape[1]:
             res[f"tokenizer_psnr_cl@{k}"] = float(cl_all[:, k - 1].mean())
     res["tokenizer_psnr_nocontext"] = float(torch.cat(alone).mean())
-    res["tokens_changed"] = tokens_changed(tok_all[:, 1:])
+    res["tokens_changed"] = tokens_changed(tf_all[:, 1:])
     res["tokens_changed_cl"] = tokens_changed(torch.cat(cl_toks))
-    res["codebook_usage"] = float(tok_all.unique().numel() / model.config.tokenizer_vocab_size)
-    return {**res, "_tokens": tok_all, "_ar": torch.cat(decs)}
+    res["codebook_usage"] = float(tf_all.unique().numel() / model.config.tokenizer_vocab_size)
+    return {**res, "_tokens": torch.cat(play_toks), "_ar": torch.cat(decs)}
 
 
 @torch.no_grad()

@@ -380,6 +380,10 @@ def write_tokens_file(model, cache: FrameCache, out: str | Path, source: str, ba
         raise ValueError(f"action_vocab_size {cfg.action_vocab_size} does not fit uint8 actions")
     if cache.image_size != cfg.image_size:
         raise ValueError(f"the frames are {cache.image_size}x{cache.image_size}; the model takes {cfg.image_size}")
+    if cfg.tokenizer_context:
+        raise ValueError("this tokenizer codes each frame against the one decoded before it, so a clip's tokens "
+                         "depend on where the clip starts (play codes a prompt from its first frame): pre-tokenised "
+                         "files do not hold that yet; train the dynamics from the frames (--data FOLDER)")
     bf16 = cfg.bf16 if bf16 is None else bf16
     autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
     model.eval()

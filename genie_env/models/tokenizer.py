@@ -10,9 +10,10 @@ minute of training than the transformer variants (see the model card for the mea
 With ``tokenizer_context=1`` both halves also see the previous frame (context-aware tokenization, as
 Delta-IRIS): the encoder reads it beside the frame, and a context encoder gives the decoder its features
 at every resolution, so tokens code what changed while backgrounds and sprites persist through the
-decoder. Encoding and training condition on the previous real frame; `decode` conditions each frame on
-the previous decoded one; `encode_closed_loop` codes each frame against the previous decoded one, as
-`decode` will see it. Frame 0 without a frame before it is coded against a mid-grey frame.
+decoder. `encode` and `decode` work closed loop, as a predictive video codec: each frame is coded and
+decoded against the previous *decoded* frame, so decoding gives back what encoding saw. Training on pairs
+conditions on the previous real frame (teacher forcing); on clips of 3+ frames, closed loop. Frame 0
+without a frame before it is coded against a mid-grey frame.
 """
 
 from __future__ import annotations
@@ -100,8 +101,18 @@ class VideoTokenizer(nn.Module):
         return self.decoder(z, self.context_encoder(p))
 
     def encode(self, frames: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) long tokens. With tokenizer_context, each frame
-        is coded against the real frame before it; frame 0 against ``context`` (B, 3, H, W) if given."""
+        """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) long tokens: the tokens a model trains and plays
+        on. With tokenizer_context, closed loop (`encode_closed_loop`): each frame coded against the previous
+        decoded frame, frame 0 against ``context`` (B, 3, H, W) or the no-context frame, so that `decode`
+        gives back what encoding saw."""
+        if self.context:
+            return self.encode_closed_loop(frames, context)[0]
+        return self.quantizer.nearest(self._encode_latents(frames))
+
+    def encode_teacher_forced(self, frames: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, T, H, W) -> (B, T, h, w) tokens, every frame at once, each coded against the *real* frame
+        before it (frame 0 against ``context`` or the no-context frame): how pairs train. Decoded frame by
+        frame (`decode`) errors pile up; validation reports that drift. Without context, `encode`."""
         previous = self._previous(frames, context) if self.context else None
         return self.quantizer.nearest(self._encode_latents(frames, previous))
 
