@@ -209,6 +209,7 @@ def test_a_context_tokenizer_is_refused_with_a_reason(made):
     """Closed-loop tokens depend on where a clip starts: a file of whole videos would not hold the tokens the
     dynamics sees at play time, so pre-tokenising says so instead of writing them."""
     from conftest import tiny_config
+
     from genie_env import Genie
 
     tmp, data, _, _ = made
