@@ -162,6 +162,11 @@ class GenieConfig:
     outcome_frames: int = 1
     """With "tokens": the frames whose tokens the heads read, the current one last (2: also the one before,
     which shows how the player and enemies move)."""
+    outcome_reward_terminates: bool = False
+    """A reward event also ends the episode (CoinRun: taking the coin ends the level): wherever the reward
+    head fires, a termination is predicted too, and the termination head's threshold is chosen with that
+    rule, so it has only the other endings (deaths) left to find. The reward stage refuses it when a
+    recorded reward event did not end its episode."""
     outcome_end_fraction: float = 0.25
     """Reward stage: share of each batch drawn from the transitions out of a video's last frame, where
     every event of a recording sits (the rest uniformly from all transitions)."""

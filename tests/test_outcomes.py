@@ -312,6 +312,26 @@ def test_best_thresholds_pick_the_best_f1():
     assert ((p[:, 1] > thr[1]) == y[:, 1]).all()
 
 
+def test_a_reward_that_ends_the_episode_terminates_too():
+    """With outcome_reward_terminates a predicted reward is also a termination, in the env's decision and in
+    the threshold search, which then leaves the termination head only the other endings to find."""
+    model = tiny_model(outcome_input="tokens", outcome_reward_terminates=True)
+    heads = model.outcomes
+    heads.threshold.copy_(torch.tensor([0.5, 0.5]))
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.1, 0.1]])
+    reward, terminated = heads.decide(probs)
+    assert reward.tolist() == [1.0, 0.0, 0.0] and terminated.tolist() == [True, True, False]
+    assert tiny_model(outcome_input="tokens").outcomes.decide(probs)[1].tolist() == [False, True, False]
+    # coins (rows 0-1) end episodes and the reward head finds them; the termination head sees only the death
+    # (row 2): alone its best threshold would have to take in the coins' low termination probabilities too
+    p = np.array([[0.9, 0.05], [0.8, 0.1], [0.1, 0.7], [0.1, 0.3], [0.2, 0.2]])
+    y = np.array([[1, 1], [1, 1], [0, 1], [0, 0], [0, 0]], bool)
+    alone, ruled = best_thresholds(p, y, np.ones(5)), best_thresholds(p, y, np.ones(5), reward_terminates=True)
+    assert 0.3 < ruled[1] < 0.7 and alone[1] < 0.05
+    fire = (p[:, 1] > ruled[1]) | (p[:, 0] > ruled[0])
+    assert (fire == y[:, 1]).all()
+
+
 def test_precision_recall_on_known_inputs():
     pred = np.array([1, 1, 0, 0, 1, 0], bool)
     true = np.array([1, 0, 1, 0, 1, 0], bool)
@@ -361,3 +381,8 @@ def test_reward_stage_trains_heads_on_a_release(tmp_path):
     model = Genie.from_pretrained(tmp_path / "run2" / "reward" / "release")
     assert model.config.outcome_frames == 2
     assert model.outcomes.prev_emb.weight.shape[0] == model.config.tokenizer_vocab_size
+    # a reward that does not end its episode (video 2) rules out outcome_reward_terminates
+    r = run("-m", "training.train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run3"),
+            "--stage", "reward", "--init-from", str(base), "--no-progress", "--threads", "1", "outcome_input=hidden",
+            "outcome_reward_terminates=true", "stages.reward.max_steps=2", check=False)
+    assert r.returncode == 2 and "1 of the 3 recorded reward events did not end their episode" in r.stderr

@@ -334,7 +334,8 @@ class OutcomeSampler:
         inside = np.concatenate(self.events) if self.events else np.zeros((0, 2))
         both = np.concatenate([inside, self.end_events])
         return {"transitions": self.num_transitions, "reward_events": int(both[:, 0].sum()),
-                "terminations": int(both[:, 1].sum())}
+                "terminations": int(both[:, 1].sum()),
+                "reward_events_that_ended": int(((both[:, 0] > 0) & (both[:, 1] > 0)).sum())}
 
     def transition(self, p: int) -> tuple[int, int, int]:
         """Transition number p in [0, num_transitions) -> (video, frame t, end index or -1): first every

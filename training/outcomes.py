@@ -256,23 +256,27 @@ def real_transition_metrics(genie: Genie, data_dir: str | Path | list, action_ma
             events.append(batch["events"])
     p, y = np.concatenate(probs), np.concatenate(events) > 0
     weight = strata.weight.astype(np.float64)
-    thr = genie.outcomes.threshold.cpu().numpy()
+    fire = genie.outcomes.fire(torch.from_numpy(p)).numpy()
     out: dict = {"transitions": sum(s.num_transitions for s in sources if s.natural), "evaluated": len(strata),
                  "context_frames": k, "seconds": round(time.time() - t0, 1), **strata.counts}
     for j, name in enumerate(EVENTS):
-        out[name] = precision_recall(p[:, j] > thr[j], y[:, j], weight)
+        out[name] = precision_recall(fire[:, j], y[:, j], weight)
         out[name]["events_seen"] = int(y[:, j].sum())
     out["probabilities"], out["events"], out["weights"] = p, y, weight
     return out
 
 
-def best_thresholds(probs: np.ndarray, events: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per head, the probability threshold with the best F1 (weighted counts) on these transitions."""
+def best_thresholds(probs: np.ndarray, events: np.ndarray, weights: np.ndarray, reward_terminates: bool = False
+                    ) -> np.ndarray:
+    """Per head, the probability threshold with the best F1 (weighted counts) on these transitions; with
+    ``reward_terminates`` the termination threshold is chosen for the rule the model plays by (a
+    termination also wherever the reward head fires at its chosen threshold)."""
     out = np.full(probs.shape[1], 0.5)
     for j in range(probs.shape[1]):
+        also = (probs[:, 0] > out[0]) if (reward_terminates and j == 1) else np.zeros(len(probs), bool)
         best = -1.0
         for thr in np.unique(probs[:, j][events[:, j]]):  # candidate: just below a true event's probability
-            pr = precision_recall(probs[:, j] >= thr, events[:, j], weights)
+            pr = precision_recall((probs[:, j] >= thr) | also, events[:, j], weights)
             p, r = pr["precision"], pr["recall"]
             f1 = 0.0 if not (p + r > 0) else 2 * p * r / (p + r)
             if f1 > best:
@@ -285,12 +289,13 @@ def calibrate(model: Genie, data_dir: str | Path | list, action_map: dict[str, i
     """Set the heads' thresholds to the best F1 on ``data_dir``'s real transitions (a set that metric 8 is then
     not reported on) and return them with that set's figures."""
     m = real_transition_metrics(model, data_dir, action_map, max_inside=max_inside, seed=seed, log=log)
-    thr = best_thresholds(m["probabilities"], m["events"], m["weights"])
     assert model.outcomes is not None
+    thr = best_thresholds(m["probabilities"], m["events"], m["weights"], model.outcomes.reward_terminates)
     model.outcomes.threshold.copy_(torch.from_numpy(thr).float())
     res = {"calibration_data": _name(data_dir), "threshold": thr.tolist()}
+    fire = model.outcomes.fire(torch.from_numpy(m["probabilities"])).numpy()
     for j, name in enumerate(EVENTS):
-        res[name] = precision_recall(m["probabilities"][:, j] > thr[j], m["events"][:, j], m["weights"])
+        res[name] = precision_recall(fire[:, j], m["events"][:, j], m["weights"])
     return res
 
 

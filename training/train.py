@@ -463,7 +463,14 @@ class Trainer:
                 sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log,
                                       cache=sdir / "feature_pool.pt", extra=extra)
                 genie.train()
-            self.log(f"stage reward: {sampler.event_counts()} in {args.data}")
+            counts = sampler.event_counts()
+            self.log(f"stage reward: {counts} in {args.data}")
+            open_ended = counts["reward_events"] - counts["reward_events_that_ended"]
+            if cfg.outcome_reward_terminates and open_ended:
+                raise ConfigError(
+                    f"outcome_reward_terminates=true, but {open_ended} of the {counts['reward_events']} recorded "
+                    "reward events did not end their episode: in this game a reward does not always end it; set "
+                    "outcome_reward_terminates=false")
             if state is None:
                 assert genie.outcomes is not None
                 genie.outcomes.logit_offset.fill_(-math.log(cfg.outcome_pos_weight))

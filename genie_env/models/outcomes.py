@@ -52,6 +52,7 @@ class OutcomeModel(nn.Module):
                 self.prev_emb = nn.Embedding(config.tokenizer_vocab_size, w)
                 self.changed = nn.Parameter(torch.randn(w) * 0.02)
         self.frames = config.outcome_frames if self.input == "tokens" else 1
+        self.reward_terminates = bool(config.outcome_reward_terminates)
         self.conv = nn.Sequential(
             nn.Conv2d(w, w, 3, padding=1), nn.GELU(), nn.Conv2d(w, w, 3, padding=1), nn.GELU()
         )
@@ -83,9 +84,17 @@ class OutcomeModel(nn.Module):
         """(b, 2) float probabilities of a reward event and of a termination."""
         return torch.sigmoid(self(features, action).float() + self.logit_offset)
 
+    def fire(self, probs: torch.Tensor) -> torch.Tensor:
+        """(b, 2) probabilities -> (b, 2) bool predicted events: over the thresholds, and with
+        ``outcome_reward_terminates`` a termination wherever a reward event is predicted."""
+        fire = probs > self.threshold.to(probs.device)
+        if self.reward_terminates:
+            fire[:, 1] |= fire[:, 0]
+        return fire
+
     def decide(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, 2) probabilities -> rewards (b,) float and terminated (b,) bool."""
-        fire = probs > self.threshold
+        fire = self.fire(probs)
         reward = torch.where(fire[:, 0], self.event_reward.float(), torch.zeros((), device=probs.device))
         return reward, fire[:, 1]
 
