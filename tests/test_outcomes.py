@@ -221,7 +221,8 @@ def _outcome_videos(folder, n=3, frames=10, episode_ends=0):
 def test_outcome_sampler_puts_each_event_on_its_transition(tmp_path):
     cache = FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None)
     s = OutcomeSampler(cache)
-    assert s.event_counts() == {"transitions": 3 * 9 + 2, "reward_events": 2, "terminations": 2}
+    assert s.event_counts() == {"transitions": 3 * 9 + 2, "reward_events": 2, "terminations": 2,
+                                "reward_events_that_ended": 1}
     assert s.mean_event_reward == pytest.approx(5.5)
     # end transitions come last: video 0 (coin), then video 1 (death)
     b = s.gather([27, 28], k=3)
