@@ -95,7 +95,7 @@ def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> di
     teacher-forced tokens decoded frame by frame against the previous decoded frame (open loop: the
     drift closed-loop coding removes); ``tokenizer_psnr_nocontext``: frame 0 coded alone;
     ``tokens_changed`` (teacher forced) and ``tokens_changed_cl`` between consecutive frames 1..;
-    "_tokens" (N, T, h, w) as `Genie.tokenize` gives them; "_ar" (N, 3, T, H, W) frame 0 and the
+    "_tokens" (N, T, h, w) as `Genie.tokenize` gives them; "_decoded" (N, 3, T, H, W) frame 0 and the
     closed-loop decodes of frames 1.. ."""
     tok = model.tokenizer
     tf, ar, cl, alone, tf_toks, cl_toks, decs, play_toks = [], [], [], [], [], [], [], []
@@ -125,7 +125,7 @@ def context_tokenizer_metrics(model: Genie, x: torch.Tensor, bs: int = 16) -> di
     res["tokens_changed"] = tokens_changed(tf_all[:, 1:])
     res["tokens_changed_cl"] = tokens_changed(torch.cat(cl_toks))
     res["codebook_usage"] = float(tf_all.unique().numel() / model.config.tokenizer_vocab_size)
-    return {**res, "_tokens": torch.cat(play_toks), "_ar": torch.cat(decs)}
+    return {**res, "_tokens": torch.cat(play_toks), "_decoded": torch.cat(decs)}
 
 
 @torch.no_grad()
@@ -214,8 +214,8 @@ def evaluate_stage(model: Genie, stage: str, clips: dict, samples_to: Path | Non
     x = clips["frames"].to(model.device)
     if stage == "tokenizer":
         tm = tokenizer_metrics(model, x)
-        if samples_to and "_ar" in tm:  # rows: real, decoded as at play time; columns: frames 0..
-            save_strip(torch.stack([x[:4], tm["_ar"][:4]], 1).flatten(0, 1).transpose(1, 2)[:, :8],
+        if samples_to and "_decoded" in tm:  # rows: real, decoded as at play time; columns: frames 0..
+            save_strip(torch.stack([x[:4], tm["_decoded"][:4]], 1).flatten(0, 1).transpose(1, 2)[:, :8],
                        samples_to.with_suffix(".png"))
         elif samples_to:
             n = min(8, x.shape[0])
