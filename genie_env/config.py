@@ -53,6 +53,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "seed": (0, 2**63 - 1),
     "outcome_dim": (4, 4096),
     "outcome_frames": (1, 2),
+    "carry_margin": (0, 64),
 }
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "tokenizer_commitment": (0.0, 100.0),
@@ -183,6 +184,15 @@ class GenieConfig:
     """Sample only among the k most likely tokens (0 = all)."""
     maskgit_schedule: str = "cosine"
     """How many tokens stay masked after each step: cosine (MaskGIT), linear or exp."""
+    carry_unchanged: bool = True
+    """Rendering: where a generated frame keeps the frame before's token, show that patch as it was shown
+    (pixels carried over, not decoded again), as a video codec's skip blocks. The decoder re-draws every
+    patch blurrier than the real prompt frame, so carrying keeps what the model left unchanged (the level,
+    the background) as sharp as the prompt. The tokens, and so the dynamics and the reward heads, are the
+    same either way."""
+    carry_margin: int = 1
+    """With ``carry_unchanged``: patches within this many token positions of a changed token are decoded
+    too (the decoder's convolutions spread a change beyond its own patch)."""
 
     # --- training ---
     batch_size: int = 4

@@ -128,6 +128,15 @@ def check_settings(model: Genie, maskgit_steps: int | None, temperature: float |
     return int(maskgit_steps), float(temperature), int(top_k), int(context_frames)
 
 
+def check_carry(model: Genie, carry: bool | None) -> bool:
+    """Whether frames carry unchanged tokens' patches over (None: the model's ``config.carry_unchanged``)."""
+    if carry is None:
+        return bool(model.config.carry_unchanged)
+    if not isinstance(carry, bool | np.bool_):
+        raise ValueError(f"carry must be True, False or None (the model's config.carry_unchanged), got {carry!r}")
+    return bool(carry)
+
+
 def check_render_mode(render_mode: str | None, modes: list[str]) -> None:
     if render_mode is not None and render_mode not in modes:
         raise ValueError(f"render_mode must be one of {modes} or None, got {render_mode!r}")
@@ -256,7 +265,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
     import genie_env
 
     env = gym.make("Genie-v0", checkpoint=None, device=None, maskgit_steps=None, temperature=None,
-                   context_frames=None, reward_fn=None, render_mode=None)
+                   context_frames=None, carry=None, reward_fn=None, render_mode=None)
     ```
 
     * `checkpoint`: a local checkpoint folder or a hub repo id; None = the shipped default model.
@@ -268,6 +277,9 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
       are faster and blurrier, temperature 0 is greedy.
     * `context_frames`: how many frames the model conditions on (including the one it generates), at most
       the model's `config.context_frames` (the default); fewer makes it forget sooner.
+    * `carry`: show the patches whose tokens a step left unchanged as they were shown, sharp as the start
+      frame, instead of decoding them again (skip blocks); None = the model's `config.carry_unchanged`
+      (on for the shipped model). Only what is drawn changes: the tokens, rewards and endings do not.
     * `reward_fn`: see Rewards.
     * `render_mode`: "rgb_array" (the frame) or "human" (a pygame window).
     """
@@ -285,6 +297,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
         temperature: float | None = None,
         top_k: int | None = None,
         context_frames: int | None = None,
+        carry: bool | None = None,
         reward_fn: RewardFn | None = None,
         render_mode: str | None = None,
     ) -> None:
@@ -293,6 +306,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
         self.model = load_model(checkpoint, model, device, dtype)
         self.maskgit_steps, self.temperature, self.top_k, self.context_frames = check_settings(
             self.model, maskgit_steps, temperature, top_k, context_frames)
+        self.carry = check_carry(self.model, carry)
         self.reward_fn = reward_fn
         self.render_mode = render_mode
         self.prompt_bank = load_prompt_bank(self.model)
@@ -330,7 +344,7 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
             prompt = images_to_tensor(images, self.model.device)
         # Sampling draws happen in `step`, each seeded from np_random; priming the cache draws nothing.
         self._session = self.model.start(prompt, maskgit_steps=self.maskgit_steps, temperature=self.temperature,
-                                         top_k=self.top_k, context_frames=self.context_frames)
+                                         top_k=self.top_k, context_frames=self.context_frames, carry=self.carry)
         self._obs = images[0].copy()
         self._steps = 0
         self._probs = [0.0, 0.0]

@@ -22,6 +22,7 @@ from genie_env.env import (
     RewardFn,
     action_names,
     call_reward_fn,
+    check_carry,
     check_prompt_images,
     check_render_mode,
     check_reward_fn,
@@ -56,7 +57,7 @@ class GenieVectorEnv(VectorEnv):
 
     Arguments: ``num_envs``, ``max_episode_steps`` (None = never truncate), and the arguments of
     `GenieEnv` (checkpoint, model, device, dtype, maskgit_steps, temperature, top_k, context_frames,
-    reward_fn, render_mode: "rgb_array" gives a tuple of the N frames).
+    carry, reward_fn, render_mode: "rgb_array" gives a tuple of the N frames).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15, "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -74,6 +75,7 @@ class GenieVectorEnv(VectorEnv):
         temperature: float | None = None,
         top_k: int | None = None,
         context_frames: int | None = None,
+        carry: bool | None = None,
         reward_fn: RewardFn | None = None,
         render_mode: str | None = None,
     ) -> None:
@@ -92,6 +94,7 @@ class GenieVectorEnv(VectorEnv):
         self.model = load_model(checkpoint, model, device, dtype)
         self.maskgit_steps, self.temperature, self.top_k, self.context_frames = check_settings(
             self.model, maskgit_steps, temperature, top_k, context_frames)
+        self.carry = check_carry(self.model, carry)
         self.prompt_bank = load_prompt_bank(self.model)
         self.action_map = load_action_map(self.model)
 
@@ -142,7 +145,7 @@ class GenieVectorEnv(VectorEnv):
             index = np.full(self.num_envs, -1)
         self.session = self.model.start(tensor.to(self.model.device), maskgit_steps=self.maskgit_steps,
                                         temperature=self.temperature, top_k=self.top_k,
-                                        context_frames=self.context_frames)
+                                        context_frames=self.context_frames, carry=self.carry)
         self._obs = images.copy()
         self._start_images = images.copy()
         self._steps[:] = 0

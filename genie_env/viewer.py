@@ -308,6 +308,8 @@ class PlayArgs:
         "help": "MaskGIT steps per frame: fewer is faster (default: the model's)"})
     temperature: float | None = field(default=None, metadata={
         "help": "sampling temperature, 0 = greedy (default: the model's)"})
+    no_carry: bool = field(default=False, metadata={
+        "help": "decode every patch of every frame afresh instead of carrying unchanged ones over sharp"})
     fps: int = field(default=15, metadata={"help": "frames per second of the window and of recordings"})
     scale: int = field(default=8, metadata={"help": "window (and recording) pixels per frame pixel"})
     record: str | None = field(default=None, metadata={
@@ -379,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         env = GenieEnv(args.checkpoint, device=args.device, dtype=args.dtype, maskgit_steps=args.maskgit_steps,
-                       temperature=args.temperature)
+                       temperature=args.temperature, carry=False if args.no_carry else None)
     except (CheckpointError, ValueError, TypeError) as e:
         print(f"genie-play: {e}", file=sys.stderr)
         return 2

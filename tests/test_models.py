@@ -582,3 +582,50 @@ def test_context_tokenize_round_trip_is_closed_loop():
     _, decoded = model.tokenizer.encode_closed_loop(x)
     assert torch.allclose(model.detokenize(tokens), decoded, atol=1e-5)
     assert not torch.equal(tokens[:, 1:], model.tokenizer.encode_teacher_forced(x)[:, 1:])
+
+
+# ---------------------------------------------------------------------------------------------- carrying
+@pytest.mark.parametrize("margin", [0, 1])
+def test_carry_shows_unchanged_tokens_patches_as_they_were_shown(monkeypatch, margin):
+    """With carry, a step that changes one token decodes only the patches within ``carry_margin`` of it;
+    every other patch is the frame shown before, pixel for pixel, step after step. Without carry the step
+    shows the decode of all its tokens."""
+    model = tiny_model(carry_margin=margin)
+    g, size, vocab = model.config.token_grid, model.config.image_size, model.config.tokenizer_vocab_size
+    p = size // g
+    prompt = frames(b=2, t=1)[:, :, 0]
+    start = model.tokenize(prompt[:, :, None])[:, 0].flatten(1)  # (2, n)
+    changed = start.clone()
+    changed[0, 1 * g + 2] = (changed[0, 1 * g + 2] + 1) % vocab  # row 0: token (1, 2); row 1: nothing
+    plan = iter([changed, changed])  # the second step changes nothing more
+
+    def sample_frame(cache, action, *args, **kwargs):
+        tokens = next(plan).clone()
+        return tokens, torch.zeros(tokens.shape[0], tokens.shape[1], model.config.dynamics_dim)
+
+    monkeypatch.setattr(model.dynamics, "sample_frame", sample_frame)
+    decoded = model.detokenize(changed.view(2, 1, g, g))[:, :, 0]
+    plain = model.start(prompt, carry=False).step(torch.tensor([0, 0]))
+    assert torch.allclose(plain, decoded)
+
+    plan = iter([changed, changed])
+    session = model.start(prompt, carry=True)
+    first = session.step(torch.tensor([0, 0]))
+    rows = slice(max(1 - margin, 0) * p, (1 + margin + 1) * p)
+    cols = slice(max(2 - margin, 0) * p, (2 + margin + 1) * p)
+    want = prompt.clone()
+    want[0, :, rows, cols] = decoded[0, :, rows, cols]
+    assert torch.equal(first, want)
+    assert not torch.equal(first[0], prompt[0]) and torch.equal(first[1], prompt[1])
+    assert torch.equal(session.step(torch.tensor([0, 0])), first)  # nothing changed: nothing re-drawn
+
+
+def test_carry_setting_defaults_to_the_config_and_rejects_non_bools():
+    assert GenieConfig().carry_unchanged is True
+    model = tiny_model(carry_unchanged=False)
+    assert model.start(frames(b=1, t=1)[:, :, 0]).carry is False
+    assert model.start(frames(b=1, t=1)[:, :, 0], carry=True).carry is True
+    with pytest.raises(TypeError, match="carry must be True, False or None"):
+        model.start(frames(b=1, t=1)[:, :, 0], carry="yes")
+    with pytest.raises(ConfigError, match="carry_margin"):
+        tiny_config(carry_margin=-1)

@@ -204,6 +204,7 @@ def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None
         res["_rollout"] = dm["_rollout"]
         res["maskgit_steps"] = int(maskgit_steps or model.config.maskgit_steps)
         res["temperature"] = float(model.config.temperature if temperature is None else temperature)
+        res["carry"] = bool(model.config.carry_unchanged)
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--maskgit-steps", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--carry", action=argparse.BooleanOptionalAction, default=None,
+                   help="carry unchanged tokens' patches over sharp (default: the model's config.carry_unchanged)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="number format (default: bf16 where the hardware runs it natively, else fp32)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -301,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = Genie.from_pretrained(a.checkpoint, device=device)
+    if a.carry is not None:
+        model.config.carry_unchanged = a.carry
     if a.dtype is None and a.bf16 is not None:
         a.dtype = "bf16" if a.bf16 else "fp32"
     a.dtype = resolve_dtype(a.dtype, model.device)

@@ -357,6 +357,7 @@ def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None,
     res["floors"] = check_floors(res)
     res.update(maskgit_steps=int(maskgit_steps or model.config.maskgit_steps),
                temperature=float(model.config.temperature if temperature is None else temperature),
+               carry=bool(model.config.carry_unchanged),
                prompt_frames=args.prompt_frames, warmup=args.warmup, seed=args.seed,
                levels=f"{args.start_level}-{args.start_level + args.num_levels - 1}",
                distribution_mode=args.distribution_mode, action_map={key: amap[key] for key in KEYS})
@@ -490,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-steps", type=int, default=d.long_steps, help="steps of the long rollout")
     p.add_argument("--maskgit-steps", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--carry", action=argparse.BooleanOptionalAction, default=None,
+                   help="carry unchanged tokens' patches over sharp (default: the model's config.carry_unchanged)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -506,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                    seed=a.seed, batch=a.batch, long_keys=a.long_keys,
                    long_steps=a.long_steps, long_starts=a.strip_starts)
     model = Genie.from_pretrained(a.checkpoint).eval()
+    if a.carry is not None:
+        model.config.carry_unchanged = a.carry
     if a.bf16:
         model.autocast_dtype = torch.bfloat16
     try:

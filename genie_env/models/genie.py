@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genie_env.config import GenieConfig, preset_config
@@ -21,7 +22,7 @@ from genie_env.models.outcomes import OutcomeModel
 from genie_env.models.tokenizer import VideoTokenizer
 from genie_env.validation import check_actions, check_frames, check_tokens
 
-__all__ = ["Genie", "GenieSession"]
+__all__ = ["Genie", "GenieSession", "carry_unchanged"]
 
 
 GENERATE_MAX_BYTES = 4 * 2**30
@@ -31,6 +32,17 @@ FUSED_COMMIT_MAX_BATCH = 4
 """Largest batch whose sessions commit a frame in the next step's first pass (`GenieSession.fuse_commit`):
 the pass over both frames costs 0.85x a commit pass plus a MaskGIT pass at batch 1, 0.93x at 2, about 1x
 at 4 to 16 and 1.14x at 32, where the matmuls already run near the peak (fp32, one thread, AVX2 class)."""
+
+
+def carry_unchanged(frame: torch.Tensor, previous: torch.Tensor, changed: torch.Tensor, margin: int) -> torch.Tensor:
+    """Skip blocks: ``frame`` (b, 3, H, W) where a token changed, or lies within ``margin`` token positions
+    of one that did, and ``previous`` (the frame shown before) elsewhere. changed: (b, h, w) bool."""
+    b, h, w = changed.shape
+    grid = changed.view(b, 1, h, w).float()
+    if margin > 0:
+        grid = F.max_pool2d(grid, 2 * margin + 1, stride=1, padding=margin)
+    mask = F.interpolate(grid, size=frame.shape[-2:], mode="nearest") > 0
+    return torch.where(mask, frame, previous.to(frame.dtype))
 
 
 class Genie(nn.Module, HubMixin):
@@ -100,13 +112,15 @@ class Genie(nn.Module, HubMixin):
     def start(
         self, prompt: torch.Tensor, generator: torch.Generator | None = None, maskgit_steps: int | None = None,
         temperature: float | None = None, top_k: int | None = None, context_frames: int | None = None,
+        carry: bool | None = None,
     ) -> GenieSession:
         """Begin a rollout from prompt frames (B, 3, H, W) or (B, 3, T0, H, W); see `GenieSession`.
 
         context_frames: frames the model conditions on, counting the one it generates (default and maximum:
-        ``config.context_frames``)."""
+        ``config.context_frames``). carry: show unchanged tokens' patches as they were (default
+        ``config.carry_unchanged``)."""
         return GenieSession(self, prompt, generator=generator, maskgit_steps=maskgit_steps,
-                            temperature=temperature, top_k=top_k, context_frames=context_frames)
+                            temperature=temperature, top_k=top_k, context_frames=context_frames, carry=carry)
 
     @torch.inference_mode()
     def play(self, current_frame: torch.Tensor, action: torch.Tensor,
@@ -121,7 +135,8 @@ class Genie(nn.Module, HubMixin):
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, num_frames: int, actions: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, maskgit_steps: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None) -> torch.Tensor:
+                 temperature: float | None = None, top_k: int | None = None, carry: bool | None = None
+                 ) -> torch.Tensor:
         """Roll out from a prompt (B, 3, H, W) or (B, 3, T0, H, W) to (B, 3, num_frames, H, W).
 
         The first T0 output frames are the prompt. ``actions`` (B, num_frames - T0) are the latent actions
@@ -147,7 +162,7 @@ class Genie(nn.Module, HubMixin):
         else:
             actions = check_actions(actions, self.config, "actions", shape=(b, n_new), device=self.device)
         session = self.start(prompt, generator=generator, maskgit_steps=maskgit_steps,
-                             temperature=temperature, top_k=top_k)
+                             temperature=temperature, top_k=top_k, carry=carry)
         out = [prompt]
         for i in range(n_new):
             out.append(session.step(actions[:, i])[:, :, None])
@@ -201,7 +216,7 @@ class GenieSession:
 
     def __init__(self, model: Genie, prompt: torch.Tensor, generator: torch.Generator | None = None,
                  maskgit_steps: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, context_frames: int | None = None) -> None:
+                 top_k: int | None = None, context_frames: int | None = None, carry: bool | None = None) -> None:
         cfg = model.config
         self.model = model
         self.generator = generator
@@ -214,6 +229,10 @@ class GenieSession:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.top_k <= cfg.tokenizer_vocab_size:
             raise ValueError(f"top_k must be in [0, {cfg.tokenizer_vocab_size}], got {self.top_k}")
+        if carry is not None and not isinstance(carry, bool):
+            raise TypeError(f"carry must be True, False or None (the config's carry_unchanged), got {carry!r}")
+        self.carry = cfg.carry_unchanged if carry is None else carry
+        """Show the patches of unchanged tokens as they were shown (`carry_unchanged`)."""
         prompt = check_frames(prompt, cfg, "prompt", video=None, device=model.device)
         if prompt.dim() == 4:
             prompt = prompt[:, :, None]
@@ -287,6 +306,9 @@ class GenieSession:
                 self.last_outcomes = m.outcomes.probabilities(features, action)
             grid = m.config.token_grid
             frame = m.tokenizer.decode(tokens.view(-1, 1, grid, grid), context=self.last_frame)[:, :, 0].float()
+            if self.carry:
+                changed = (tokens != self.last_tokens).view(-1, grid, grid)
+                frame = carry_unchanged(frame, self.last_frame, changed, m.config.carry_margin)
         self.last_frame = frame
         self.prev_tokens = self.last_tokens
         self.last_tokens = tokens
