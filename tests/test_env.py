@@ -21,6 +21,7 @@ from genie_env.env import GenieEnv
 from genie_env.hub import CheckpointError
 from genie_env.precision import autocast_dtype, default_dtype
 from genie_env.registration import ENV_ID, MAX_EPISODE_STEPS
+from genie_env.vector_env import GenieVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -285,10 +286,22 @@ def test_render_rgb_array_and_human(ckpt, dummy_video):
     (dict(render_mode="ansi"), "render_mode"),
     (dict(dtype="fp16"), "dtype"),
     (dict(reward_fn=3), "reward_fn"),
+    (dict(carry="yes"), "carry"),
+    (dict(carry=1), "carry"),
 ])
 def test_bad_constructor_arguments_are_named(ckpt, kwargs, word):
     with pytest.raises((ValueError, TypeError), match=word):
         GenieEnv(ckpt, **kwargs)
+
+
+def test_carry_reaches_the_session_and_defaults_to_the_config(ckpt):
+    assert GenieEnv(ckpt).carry is True  # config.carry_unchanged, on by default
+    env = GenieEnv(ckpt, carry=False)
+    env.reset(seed=0)
+    assert env.carry is False and env._session.carry is False
+    venv = GenieVectorEnv(2, ckpt, carry=False)
+    venv.reset(seed=0)
+    assert venv.session.carry is False
 
 
 def test_checkpoint_and_model_are_exclusive(ckpt):
