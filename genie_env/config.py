@@ -189,7 +189,8 @@ class GenieConfig:
     (pixels carried over, not decoded again), as a video codec's skip blocks. The decoder re-draws every
     patch blurrier than the real prompt frame, so carrying keeps what the model left unchanged (the level,
     the background) as sharp as the prompt. The tokens, and so the dynamics and the reward heads, are the
-    same either way."""
+    same either way. Per-frame tokenizers only: with ``tokenizer_context`` a token codes a frame against the
+    one before, so an unchanged token is not an unchanged patch, and nothing is carried."""
     carry_margin: int = 1
     """With ``carry_unchanged``: patches within this many token positions of a changed token are decoded
     too (the decoder's convolutions spread a change beyond its own patch)."""

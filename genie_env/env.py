@@ -130,10 +130,14 @@ def check_settings(model: Genie, maskgit_steps: int | None, temperature: float |
 
 def check_carry(model: Genie, carry: bool | None) -> bool:
     """Whether frames carry unchanged tokens' patches over (None: the model's ``config.carry_unchanged``)."""
+    context = bool(model.config.tokenizer_context)
     if carry is None:
-        return bool(model.config.carry_unchanged)
+        return bool(model.config.carry_unchanged) and not context
     if not isinstance(carry, bool | np.bool_):
         raise ValueError(f"carry must be True, False or None (the model's config.carry_unchanged), got {carry!r}")
+    if carry and context:
+        raise ValueError("carry=True needs a per-frame tokenizer: this model's tokens code each frame against the "
+                         "one before (tokenizer_context), so an unchanged token does not mean an unchanged patch")
     return bool(carry)
 
 

@@ -629,3 +629,7 @@ def test_carry_setting_defaults_to_the_config_and_rejects_non_bools():
         model.start(frames(b=1, t=1)[:, :, 0], carry="yes")
     with pytest.raises(ConfigError, match="carry_margin"):
         tiny_config(carry_margin=-1)
+    context = tiny_model(tokenizer_context=1)  # its tokens code changes, not patches: nothing to carry
+    assert context.start(frames(b=1, t=1)[:, :, 0]).carry is False
+    with pytest.raises(ValueError, match="per-frame tokenizer"):
+        context.start(frames(b=1, t=1)[:, :, 0], carry=True)

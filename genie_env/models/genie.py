@@ -231,8 +231,11 @@ class GenieSession:
             raise ValueError(f"top_k must be in [0, {cfg.tokenizer_vocab_size}], got {self.top_k}")
         if carry is not None and not isinstance(carry, bool):
             raise TypeError(f"carry must be True, False or None (the config's carry_unchanged), got {carry!r}")
-        self.carry = cfg.carry_unchanged if carry is None else carry
-        """Show the patches of unchanged tokens as they were shown (`carry_unchanged`)."""
+        if carry and cfg.tokenizer_context:
+            raise ValueError("carry=True needs a per-frame tokenizer: with tokenizer_context the tokens code a frame "
+                             "against the one before, so an unchanged token does not mean an unchanged patch")
+        self.carry = bool(cfg.carry_unchanged if carry is None else carry) and not cfg.tokenizer_context
+        """Show the patches of unchanged tokens as they were shown (`carry_unchanged`; per-frame tokenizers)."""
         prompt = check_frames(prompt, cfg, "prompt", video=None, device=model.device)
         if prompt.dim() == 4:
             prompt = prompt[:, :, None]
