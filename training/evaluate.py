@@ -204,7 +204,7 @@ def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None
         res["_rollout"] = dm["_rollout"]
         res["maskgit_steps"] = int(maskgit_steps or model.config.maskgit_steps)
         res["temperature"] = float(model.config.temperature if temperature is None else temperature)
-        res["carry"] = bool(model.config.carry_unchanged)
+        res["carry"] = bool(model.config.carry_unchanged) and not model.config.tokenizer_context
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
