@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from genie_env.hub import CheckpointError
-from genie_env.models.genie import Genie, GenieSession
+from genie_env.models.genie import Genie, GenieSession, resolve_carry
 from genie_env.precision import autocast_dtype, resolve_dtype
 
 __all__ = ["GenieEnv", "RewardFn"]
@@ -129,16 +129,11 @@ def check_settings(model: Genie, maskgit_steps: int | None, temperature: float |
 
 
 def check_carry(model: Genie, carry: bool | None) -> bool:
-    """Whether frames carry unchanged tokens' patches over (None: the model's ``config.carry_unchanged``)."""
-    context = bool(model.config.tokenizer_context)
-    if carry is None:
-        return bool(model.config.carry_unchanged) and not context
-    if not isinstance(carry, bool | np.bool_):
-        raise ValueError(f"carry must be True, False or None (the model's config.carry_unchanged), got {carry!r}")
-    if carry and context:
-        raise ValueError("carry=True needs a per-frame tokenizer: this model's tokens code each frame against the "
-                         "one before (tokenizer_context), so an unchanged token does not mean an unchanged patch")
-    return bool(carry)
+    """Whether frames carry unchanged tokens' patches over (`resolve_carry`), checked before any reset."""
+    try:
+        return resolve_carry(model.config, bool(carry) if isinstance(carry, np.bool_) else carry)
+    except TypeError as e:  # as the env's other settings: a bad value is a ValueError
+        raise ValueError(str(e)) from None
 
 
 def check_render_mode(render_mode: str | None, modes: list[str]) -> None:

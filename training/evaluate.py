@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from genie_env import Genie
+from genie_env.models.genie import resolve_carry
 from genie_env.precision import DTYPES, autocast_dtype, resolve_dtype
 from training.data import FrameCache, load_actions
 from training.metrics import nmi, perplexity, psnr
@@ -204,7 +205,7 @@ def evaluate(model: Genie, clips: dict, seed: int = 0, maskgit_steps: int | None
         res["_rollout"] = dm["_rollout"]
         res["maskgit_steps"] = int(maskgit_steps or model.config.maskgit_steps)
         res["temperature"] = float(model.config.temperature if temperature is None else temperature)
-        res["carry"] = bool(model.config.carry_unchanged) and not model.config.tokenizer_context
+        res["carry"] = resolve_carry(model.config, None)
     res["seconds"] = round(time.time() - t0, 1)
     return res
 

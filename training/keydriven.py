@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from genie_env import Genie
 from genie_env.env import load_action_map
+from genie_env.models.genie import resolve_carry
 from training.metrics import psnr
 
 KEYS = ("LEFT", "RIGHT", "NONE", "UP", "LEFT+UP", "RIGHT+UP")
@@ -357,7 +358,7 @@ def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None,
     res["floors"] = check_floors(res)
     res.update(maskgit_steps=int(maskgit_steps or model.config.maskgit_steps),
                temperature=float(model.config.temperature if temperature is None else temperature),
-               carry=bool(model.config.carry_unchanged) and not model.config.tokenizer_context,
+               carry=resolve_carry(model.config, None),
                prompt_frames=args.prompt_frames, warmup=args.warmup, seed=args.seed,
                levels=f"{args.start_level}-{args.start_level + args.num_levels - 1}",
                distribution_mode=args.distribution_mode, action_map={key: amap[key] for key in KEYS})

@@ -22,7 +22,7 @@ from genie_env.models.outcomes import OutcomeModel
 from genie_env.models.tokenizer import VideoTokenizer
 from genie_env.validation import check_actions, check_frames, check_tokens
 
-__all__ = ["Genie", "GenieSession", "carry_unchanged"]
+__all__ = ["Genie", "GenieSession", "carry_unchanged", "resolve_carry"]
 
 
 GENERATE_MAX_BYTES = 4 * 2**30
@@ -32,6 +32,18 @@ FUSED_COMMIT_MAX_BATCH = 4
 """Largest batch whose sessions commit a frame in the next step's first pass (`GenieSession.fuse_commit`):
 the pass over both frames costs 0.85x a commit pass plus a MaskGIT pass at batch 1, 0.93x at 2, about 1x
 at 4 to 16 and 1.14x at 32, where the matmuls already run near the peak (fp32, one thread, AVX2 class)."""
+
+
+def resolve_carry(config: GenieConfig, carry: bool | None) -> bool:
+    """Whether a session carries unchanged tokens' patches over: ``carry``, or None for the config's
+    ``carry_unchanged``; never with a context-aware tokenizer, whose tokens code a frame against the one
+    before (an unchanged token is not an unchanged patch there)."""
+    if carry is not None and not isinstance(carry, bool):
+        raise TypeError(f"carry must be True, False or None (the config's carry_unchanged), got {carry!r}")
+    if carry and config.tokenizer_context:
+        raise ValueError("carry=True needs a per-frame tokenizer: with tokenizer_context the tokens code a frame "
+                         "against the one before, so an unchanged token does not mean an unchanged patch")
+    return bool(config.carry_unchanged if carry is None else carry) and not config.tokenizer_context
 
 
 def carry_unchanged(frame: torch.Tensor, previous: torch.Tensor, changed: torch.Tensor, margin: int) -> torch.Tensor:
@@ -229,12 +241,7 @@ class GenieSession:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.top_k <= cfg.tokenizer_vocab_size:
             raise ValueError(f"top_k must be in [0, {cfg.tokenizer_vocab_size}], got {self.top_k}")
-        if carry is not None and not isinstance(carry, bool):
-            raise TypeError(f"carry must be True, False or None (the config's carry_unchanged), got {carry!r}")
-        if carry and cfg.tokenizer_context:
-            raise ValueError("carry=True needs a per-frame tokenizer: with tokenizer_context the tokens code a frame "
-                             "against the one before, so an unchanged token does not mean an unchanged patch")
-        self.carry = bool(cfg.carry_unchanged if carry is None else carry) and not cfg.tokenizer_context
+        self.carry = resolve_carry(cfg, carry)
         """Show the patches of unchanged tokens as they were shown (`carry_unchanged`; per-frame tokenizers)."""
         prompt = check_frames(prompt, cfg, "prompt", video=None, device=model.device)
         if prompt.dim() == 4:
