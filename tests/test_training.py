@@ -380,6 +380,44 @@ def test_init_part_takes_one_part_from_another_release(trained_run, tmp_path):
     assert bad.returncode == 2 and "is not a release folder" in bad.stderr
 
 
+def test_dynamics_body_starts_a_dynamics_for_a_new_vocabulary(trained_run, tmp_path):
+    """--init-part dynamics-body=REL: a dynamics for a tokenizer with another codebook starts from the
+    release's dynamics, all but the vocabulary-sized embedding and output layer."""
+    import torch
+    from safetensors.torch import load_file
+
+    from genie_env import Genie
+
+    tmp, data, cfg, _ = trained_run
+    run_dir = tmp / "run"
+    base_vocab = Genie.from_pretrained(run_dir / "dynamics" / "release").config.tokenizer_vocab_size
+    vocab = base_vocab * 2
+    other = tmp_path / "other"
+    train(cfg, data, other, "--stage", "tokenizer", f"tokenizer_vocab_size={vocab}")
+    out = tmp_path / "body"
+    r = train(cfg, data, out, "--stage", "dynamics", "--stop-after", "1",
+              "--init-part", f"tokenizer={other / 'tokenizer' / 'release'}",
+              "--init-part", f"latent_actions={run_dir / 'dynamics' / 'release'}",
+              "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}",
+              f"tokenizer_vocab_size={vocab}", "stages.dynamics.learning_rate=0")
+    assert "except token_emb.weight, head.weight, head.bias" in r.stdout
+    got = load_file(str(out / "dynamics" / "release" / "model.safetensors"))
+    src = load_file(str(run_dir / "dynamics" / "release" / "model.safetensors"))
+    body = [k for k in src if k.startswith("dynamics.") and not k.startswith(("dynamics.token_emb", "dynamics.head"))]
+    assert body and all(torch.equal(got[k].float(), src[k].float()) for k in body)  # learning rate 0: as loaded
+    assert got["dynamics.head.weight"].shape[0] == vocab and src["dynamics.head.weight"].shape[0] == base_vocab
+    # Given with the whole dynamics, or to another stage, or from another architecture: refused, with why.
+    bad = train(cfg, data, tmp_path / "bad", "--stage", "dynamics", "--init-from", str(run_dir / "dynamics" / "release"),
+                "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}", check=False)
+    assert bad.returncode == 2 and "give one of the two" in bad.stderr
+    bad = train(cfg, data, tmp_path / "bad2", "--stage", "lam",
+                "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}", check=False)
+    assert bad.returncode == 2 and "starts a dynamics stage" in bad.stderr
+    bad = train(cfg, data, tmp_path / "bad3", "--stage", "dynamics",
+                "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}", "dynamics_depth=1", check=False)
+    assert bad.returncode == 2 and "beyond the vocabulary" in bad.stderr
+
+
 def test_existing_run_needs_resume_flag(trained_run):
     tmp, data, cfg, _ = trained_run
     r = train(cfg, data, tmp / "run", "--stage", "dynamics", check=False)

@@ -353,14 +353,21 @@ class Trainer:
         needed = {"tokenizer": (), "lam": ("tokenizer",), "dynamics": ("tokenizer", "latent_actions"),
                   "reward": ("tokenizer", "latent_actions", "dynamics")}[stage]
         chosen = {}
+        body = None
         for item in self.args.init_part:
             part, sep, folder = item.partition("=")
-            if not sep or part not in _PART.values():
+            if not sep or part not in (*_PART.values(), BODY_PART):
                 raise ConfigError(f"--init-part {item!r}: expected PART=FOLDER with PART one of "
-                                  f"{', '.join(_PART.values())}")
+                                  f"{', '.join((*_PART.values(), BODY_PART))}")
             if not (Path(folder) / "model.safetensors").is_file():
                 raise ConfigError(f"--init-part {item!r}: {folder} is not a release folder (no model.safetensors)")
-            chosen[part] = Path(folder)
+            if part == BODY_PART:
+                if stage != "dynamics":
+                    raise ConfigError(f"--init-part {item!r}: {BODY_PART} starts a dynamics stage; this is "
+                                      f"the {stage} stage")
+                body = Path(folder)
+            else:
+                chosen[part] = Path(folder)
         if self.args.init_from is not None:
             sources = {part: Path(self.args.init_from) for part in needed + (_PART[stage],)}
             if stage == "reward" and not _has_part(Path(self.args.init_from), "outcomes"):
@@ -391,9 +398,15 @@ class Trainer:
                     elif not (rel / "model.safetensors").is_file():
                         self.log(f"stage {stage}: no trained tokenizer found in {rel}; starting from random weights")
         sources.update(chosen)
+        if body is not None and "dynamics" in sources:
+            raise ConfigError(f"--init-part {BODY_PART}={body}: the dynamics also comes whole from "
+                              f"{sources['dynamics']}; give one of the two")
         for part, src in sources.items():
             load_part(model, src, part)
             self.log(f"stage {stage}: {part} from {src}")
+        if body is not None:
+            skipped = load_dynamics_body(model, body)
+            self.log(f"stage {stage}: dynamics from {body} except {', '.join(skipped)} (new vocabulary)")
         if stage == "reward":  # the release keeps the prompt bank and action map the env plays with
             src = sources.get("dynamics")
             model.extra_files = {name: src / name for name in EXTRA_FILES
@@ -769,6 +782,32 @@ def load_part(model: Genie, folder: Path, part: str) -> None:
 
 
 
+BODY_PART = "dynamics-body"
+_VOCAB_SIZED = ("dynamics.token_emb.weight", "dynamics.head.weight", "dynamics.head.bias")
+
+
+def load_dynamics_body(model: Genie, folder: Path) -> list[str]:
+    """Load a release's dynamics into ``model`` except the tensors sized by the tokenizer's vocabulary (the
+    token embedding and the output layer), which keep their fresh initialisation: the start of a dynamics
+    for a tokenizer with another codebook. Every other tensor must be there with the same shape. Returns
+    the names left out."""
+    from safetensors.torch import load_file
+
+    from genie_env.hub import WEIGHTS_NAME
+
+    state = load_file(str(Path(folder) / WEIGHTS_NAME))
+    mine = {k: v for k, v in model.state_dict().items() if k.startswith("dynamics.")}
+    keep = {k: v for k, v in mine.items() if k not in _VOCAB_SIZED}
+    theirs = {k for k in state if k.startswith("dynamics.") and k not in _VOCAB_SIZED}
+    bad = sorted(k for k in keep if k not in state or tuple(state[k].shape) != tuple(keep[k].shape))
+    bad += sorted(theirs - set(keep))
+    if bad:
+        raise ConfigError(f"{folder}: its dynamics differs from the config's beyond the vocabulary "
+                          f"({', '.join(bad[:5])} ...): {BODY_PART} needs the same dynamics_dim, depth and heads")
+    model.load_state_dict({k: state[k].to(v.dtype) for k, v in keep.items()}, strict=False)
+    return [k[len("dynamics."):] for k in _VOCAB_SIZED if k in mine]
+
+
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -781,7 +820,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
             continue
         if f.name == "init_part":
             p.add_argument("--init-part", action="append", default=[], metavar="PART=FOLDER",
-                           help="take one part from this release folder (repeatable)")
+                           help="take one part from this release folder (repeatable); dynamics-body=FOLDER: its "
+                                "dynamics but its vocabulary-sized embedding and output layer, for a new tokenizer")
             continue
         flag = "--" + f.name.replace("_", "-")
         helptext = (f.metadata or {}).get("help")
