@@ -323,7 +323,7 @@ class GenieConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         return cls.from_dict(data)
@@ -361,3 +361,20 @@ def preset_config(name: str, **overrides: Any) -> GenieConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return GenieConfig(**{**PRESETS[name], **overrides})
+
+
+_FLOAT = r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as configs are read: PyYAML's safe loader, but numbers such as ``1e-3`` and ``3e4`` (floats in
+    YAML 1.2 and to any reader) are floats, not the strings YAML 1.1 makes of them."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass

@@ -447,6 +447,22 @@ def test_bad_config_values_are_named(tmp_path):
     assert r.returncode == 2 and "stages.dynamics cannot set dynamics_dim" in r.stderr
 
 
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    """learning_rate: 1e-3 is a float in a config file and in an override (YAML 1.1 would make a string of it
+    and the run would stop with 'learning_rate must be a number')."""
+    from genie_env import GenieConfig
+    from training.train import load_run_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 2e-4\nseed: 7\nstages:\n  tokenizer:\n    learning_rate: 1e-3\n")
+    cfg, stages = load_run_config(path, ["stages.lam.learning_rate=5E-5", "warmup_steps=10"])
+    assert cfg.learning_rate == 2e-4 and isinstance(cfg.learning_rate, float)
+    assert stages["tokenizer"]["learning_rate"] == 1e-3 and stages["lam"]["learning_rate"] == 5e-5
+    assert cfg.seed == 7 and isinstance(cfg.seed, int) and cfg.warmup_steps == 10
+    (tmp_path / "model.yaml").write_text("learning_rate: 1e-3\n")
+    assert GenieConfig.from_yaml(tmp_path / "model.yaml").learning_rate == 1e-3
+
+
 def test_nan_loss_stops_naming_last_checkpoint(tmp_path, monkeypatch):
     import torch
 

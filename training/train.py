@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from genie_env import Genie, GenieConfig
-from genie_env.config import ConfigError
+from genie_env.config import ConfigError, load_yaml
 from genie_env.hub import EXTRA_FILES, recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
 from training.data import DatasetError, FrameCache, OutcomeSampler
@@ -104,9 +104,7 @@ class TrainArgs:
 
 # ---------------------------------------------------------------------------------------------- config
 def parse_value(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
+    return load_yaml(text)
 
 
 def load_run_config(path: Path, overrides: list[str]) -> tuple[GenieConfig, dict[str, dict[str, Any]]]:
@@ -117,7 +115,7 @@ def load_run_config(path: Path, overrides: list[str]) -> tuple[GenieConfig, dict
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
