@@ -407,8 +407,9 @@ def test_dynamics_body_starts_a_dynamics_for_a_new_vocabulary(trained_run, tmp_p
     assert body and all(torch.equal(got[k].float(), src[k].float()) for k in body)  # learning rate 0: as loaded
     assert got["dynamics.head.weight"].shape[0] == vocab and src["dynamics.head.weight"].shape[0] == base_vocab
     # Given with the whole dynamics, or to another stage, or from another architecture: refused, with why.
-    bad = train(cfg, data, tmp_path / "bad", "--stage", "dynamics", "--init-from", str(run_dir / "dynamics" / "release"),
-                "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}", check=False)
+    release = run_dir / "dynamics" / "release"
+    bad = train(cfg, data, tmp_path / "bad", "--stage", "dynamics", "--init-from", str(release),
+                "--init-part", f"dynamics-body={release}", check=False)
     assert bad.returncode == 2 and "give one of the two" in bad.stderr
     bad = train(cfg, data, tmp_path / "bad2", "--stage", "lam",
                 "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}", check=False)
