@@ -760,24 +760,25 @@ def _read_action_map(genie: Genie) -> dict[str, int]:
     return amap
 
 
-def load_part(model: Genie, folder: Path, part: str) -> None:
-    """Load one component (tokenizer, latent_actions or dynamics) of a release folder into ``model``;
-    the component's tensors must all be there with the same shapes."""
+def load_part(model: Genie, folder: Path, part: str, leave_out: tuple[str, ...] = ()) -> None:
+    """Load one component (tokenizer, latent_actions or dynamics) of a release folder into ``model``; the
+    component's tensors must be the same in name and shape on both sides, but those named in ``leave_out``,
+    which keep the model's own values."""
     from safetensors.torch import load_file
 
     from genie_env.hub import WEIGHTS_NAME
 
     state = load_file(str(Path(folder) / WEIGHTS_NAME))
     prefix = part + "."
-    mine = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
-    theirs = {k: v for k, v in state.items() if k.startswith(prefix)}
+    mine = {k: v for k, v in model.state_dict().items() if k.startswith(prefix) and k not in leave_out}
+    theirs = {k: v for k, v in state.items() if k.startswith(prefix) and k not in leave_out}
     bad = sorted(k for k in mine if k not in theirs or tuple(theirs[k].shape) != tuple(mine[k].shape))
+    bad += sorted(set(theirs) - set(mine))
     if bad:
-        raise ConfigError(f"{folder}: its {part} does not match the config ({', '.join(bad[:5])} ...); "
+        beyond = " beyond the vocabulary-sized tensors left out" if leave_out else ""
+        raise ConfigError(f"{folder}: its {part} does not match the config{beyond} ({', '.join(bad[:5])} ...); "
                           "was it trained with another architecture?")
     model.load_state_dict({k: theirs[k].to(mine[k].dtype) for k in mine}, strict=False)
-
-
 
 
 BODY_PART = "dynamics-body"
@@ -785,25 +786,11 @@ _VOCAB_SIZED = ("dynamics.token_emb.weight", "dynamics.head.weight", "dynamics.h
 
 
 def load_dynamics_body(model: Genie, folder: Path) -> list[str]:
-    """Load a release's dynamics into ``model`` except the tensors sized by the tokenizer's vocabulary (the
-    token embedding and the output layer), which keep their fresh initialisation: the start of a dynamics
-    for a tokenizer with another codebook. Every other tensor must be there with the same shape. Returns
-    the names left out."""
-    from safetensors.torch import load_file
-
-    from genie_env.hub import WEIGHTS_NAME
-
-    state = load_file(str(Path(folder) / WEIGHTS_NAME))
-    mine = {k: v for k, v in model.state_dict().items() if k.startswith("dynamics.")}
-    keep = {k: v for k, v in mine.items() if k not in _VOCAB_SIZED}
-    theirs = {k for k in state if k.startswith("dynamics.") and k not in _VOCAB_SIZED}
-    bad = sorted(k for k in keep if k not in state or tuple(state[k].shape) != tuple(keep[k].shape))
-    bad += sorted(theirs - set(keep))
-    if bad:
-        raise ConfigError(f"{folder}: its dynamics differs from the config's beyond the vocabulary "
-                          f"({', '.join(bad[:5])} ...): {BODY_PART} needs the same dynamics_dim, depth and heads")
-    model.load_state_dict({k: state[k].to(v.dtype) for k, v in keep.items()}, strict=False)
-    return [k[len("dynamics."):] for k in _VOCAB_SIZED if k in mine]
+    """A release's dynamics but the tensors sized by the tokenizer's vocabulary (token embedding, output
+    layer), which keep their fresh initialisation: the start of a dynamics for a tokenizer with another
+    codebook. Returns the names left out."""
+    load_part(model, folder, "dynamics", leave_out=_VOCAB_SIZED)
+    return [k[len("dynamics."):] for k in _VOCAB_SIZED]
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArgs:
