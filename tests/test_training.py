@@ -382,7 +382,7 @@ def test_init_part_takes_one_part_from_another_release(trained_run, tmp_path):
 
 def test_dynamics_body_starts_a_dynamics_for_a_new_vocabulary(trained_run, tmp_path):
     """--init-part dynamics-body=REL: a dynamics for a tokenizer with another codebook starts from the
-    release's dynamics, all but the vocabulary-sized embedding and output layer."""
+    release's dynamics, its vocabulary-sized embedding and output layer carried over to the new codes."""
     import torch
     from safetensors.torch import load_file
 
@@ -400,12 +400,16 @@ def test_dynamics_body_starts_a_dynamics_for_a_new_vocabulary(trained_run, tmp_p
               "--init-part", f"latent_actions={run_dir / 'dynamics' / 'release'}",
               "--init-part", f"dynamics-body={run_dir / 'dynamics' / 'release'}",
               f"tokenizer_vocab_size={vocab}", "stages.dynamics.learning_rate=0")
-    assert "except token_emb.weight, head.weight, head.bias" in r.stdout
+    assert "but token_emb.weight, head.weight, head.bias, which are carried over" in r.stdout
+    assert "dynamics vocabulary carried over" in r.stdout
     got = load_file(str(out / "dynamics" / "release" / "model.safetensors"))
     src = load_file(str(run_dir / "dynamics" / "release" / "model.safetensors"))
     body = [k for k in src if k.startswith("dynamics.") and not k.startswith(("dynamics.token_emb", "dynamics.head"))]
     assert body and all(torch.equal(got[k].float(), src[k].float()) for k in body)  # learning rate 0: as loaded
     assert got["dynamics.head.weight"].shape[0] == vocab and src["dynamics.head.weight"].shape[0] == base_vocab
+    # the output layer carried over (training.transplant): each new code's row is one of the old codes' rows
+    rows = (got["dynamics.head.weight"].float()[:, None] == src["dynamics.head.weight"].float()[None]).all(-1)
+    assert bool(rows.any(1).all())
     # Given with the whole dynamics, or to another stage, or from another architecture: refused, with why.
     release = run_dir / "dynamics" / "release"
     bad = train(cfg, data, tmp_path / "bad", "--stage", "dynamics", "--init-from", str(release),

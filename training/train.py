@@ -43,6 +43,7 @@ from genie_env.hub import EXTRA_FILES, recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
 from training.data import DatasetError, FrameCache, OutcomeSampler
 from training.pretokenized import TokenFile, make_sampler, open_training_data, to_batch
+from training.transplant import carry_dynamics
 
 STAGES = ("tokenizer", "lam", "dynamics", "reward")
 # Fields a stage may override: training settings only, never the architecture.
@@ -404,7 +405,9 @@ class Trainer:
             self.log(f"stage {stage}: {part} from {src}")
         if body is not None:
             skipped = load_dynamics_body(model, body)
-            self.log(f"stage {stage}: dynamics from {body} except {', '.join(skipped)} (new vocabulary)")
+            self.log(f"stage {stage}: dynamics from {body} but {', '.join(skipped)}, which are carried over "
+                     "to this tokenizer's codebook")
+            carry_dynamics(model, body, self.args.data, log=self.log)
         if stage == "reward":  # the release keeps the prompt bank and action map the env plays with
             src = sources.get("dynamics")
             model.extra_files = {name: src / name for name in EXTRA_FILES
@@ -787,8 +790,8 @@ _VOCAB_SIZED = ("dynamics.token_emb.weight", "dynamics.head.weight", "dynamics.h
 
 def load_dynamics_body(model: Genie, folder: Path) -> list[str]:
     """A release's dynamics but the tensors sized by the tokenizer's vocabulary (token embedding, output
-    layer), which keep their fresh initialisation: the start of a dynamics for a tokenizer with another
-    codebook. Returns the names left out."""
+    layer), which keep the model's own values: the start of a dynamics for a tokenizer with another
+    codebook (`training.transplant.carry_dynamics` then fills them). Returns the names left out."""
     load_part(model, folder, "dynamics", leave_out=_VOCAB_SIZED)
     return [k[len("dynamics."):] for k in _VOCAB_SIZED]
 
@@ -806,7 +809,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
         if f.name == "init_part":
             p.add_argument("--init-part", action="append", default=[], metavar="PART=FOLDER",
                            help="take one part from this release folder (repeatable); dynamics-body=FOLDER: its "
-                                "dynamics but its vocabulary-sized embedding and output layer, for a new tokenizer")
+                                "dynamics carried over to a tokenizer with another codebook (training.transplant)")
             continue
         flag = "--" + f.name.replace("_", "-")
         helptext = (f.metadata or {}).get("help")
