@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
-from training.transplant import code_cooccurrence, sample_frames, transplant_vocabulary
+from training.transplant import carry_outcomes, code_cooccurrence, sample_frames, transplant_vocabulary
 
 
 def _permuted(old, seed: int = 1):
@@ -61,6 +61,29 @@ def test_a_permuted_codebook_carries_the_dynamics_over_exactly():
     with torch.no_grad():
         lf = fresh.dynamics(tok_new, actions, mask)
     assert not torch.allclose(lf[..., perm[seen_old]], lo[..., seen_old], atol=1e-3)
+
+
+def test_token_reading_heads_carry_over_with_the_codebook():
+    heads = dict(outcome_input="tokens", outcome_frames=2, outcome_dim=16)
+    old = tiny_model(0, **heads)
+    new, perm = _permuted(old)
+    v = old.config.tokenizer_vocab_size
+    with torch.no_grad():  # the new model's heads start elsewhere
+        for p in new.outcomes.parameters():
+            p.normal_()
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(64, 3, 16, 16, generator=g)
+    counts = code_cooccurrence(new.tokenizer, old.tokenizer, frames, v, v)
+    assert carry_outcomes(new.outcomes, old.outcomes, counts)
+    with torch.no_grad():
+        tok_old = old.tokenizer.encode(frames[:32].unsqueeze(2)).flatten(1).view(16, 2, -1)  # (b, 2 frames, n)
+    action = torch.randint(0, old.config.action_vocab_size, (16,), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(new.outcomes.probabilities(perm[tok_old], action),
+                                   old.outcomes.probabilities(tok_old, action), atol=1e-5, rtol=1e-5)
+    # heads of another shape, or none, are not carried
+    assert not carry_outcomes(tiny_model(0, **{**heads, "outcome_frames": 1}).outcomes, old.outcomes, counts)
+    assert not carry_outcomes(new.outcomes, None, counts)
 
 
 def test_a_finer_codebook_splits_each_old_code_probability():

@@ -13,6 +13,9 @@ dynamics keep what it knows (`transplant_vocabulary`):
 - a new code never seen in the sample gets the old codes' mean embedding and a bias of -20 (the dynamics
   learns it when it appears).
 
+Reward and episode-end heads that read tokens (`OutcomeModel`) carry over the same way: their token
+embeddings transplanted, the rest as it was (`carry_outcomes`).
+
 With the same codebook in another order the carried dynamics gives the same predictions, permuted (its
 test); for the 4,096-code tokenizer against the shipped 1,024-code one it starts a dynamics 5 dB of rollout
 PSNR ahead of the transformer alone (docs/experiments.md).
@@ -69,6 +72,40 @@ def code_cooccurrence(new_tokenizer, old_tokenizer, frames: torch.Tensor, new_vo
 
 
 @torch.no_grad()
+def transplant_embedding(new: torch.Tensor, old: torch.Tensor, counts: torch.Tensor) -> None:
+    """Rows 0..V_new-1 of the embedding table ``new`` from the rows 0..V_old-1 of ``old``: each new code's
+    row is the mean of the old codes' rows at its positions, weighted by ``counts`` (V_new, V_old); a code
+    never counted gets the old codes' mean row, weighted by their frequency."""
+    vn, vo = counts.shape
+    seen = counts.sum(1) > 0
+    old_rows = old[:vo].double()
+    share = counts / counts.sum(1, keepdim=True).clamp_min(1)  # P(old i | new j)
+    old_freq = counts.sum(0) / counts.sum().clamp_min(1)
+    rows = torch.where(seen[:, None], share @ old_rows, (old_freq @ old_rows)[None])
+    new[:vn] = rows.to(new.dtype)
+
+
+@torch.no_grad()
+def carry_outcomes(new, old, counts: torch.Tensor) -> bool:
+    """The reward and episode-end heads of ``old`` (an `OutcomeModel` reading tokens of the old codebook)
+    into ``new`` (the same heads for the new codebook): everything as it is but the token embeddings, which
+    are transplanted. False (``new`` untouched) where the two are not token-reading heads of one shape."""
+    if new is None or old is None or new.input != "tokens" or old.input != "tokens":
+        return False
+    vocab_sized = {"token_emb.weight", "prev_emb.weight"}
+    rest = {k: v for k, v in old.state_dict().items() if k not in vocab_sized}
+    mine = new.state_dict()
+    if (set(rest) | (vocab_sized & set(mine))) != set(mine) or any(
+            mine[k].shape != v.shape for k, v in rest.items()):
+        return False
+    new.load_state_dict(rest, strict=False)
+    for name in ("token_emb", "prev_emb"):
+        if hasattr(new, name):
+            transplant_embedding(getattr(new, name).weight, getattr(old, name).weight, counts)
+    return True
+
+
+@torch.no_grad()
 def transplant_vocabulary(new, old, counts: torch.Tensor) -> dict:
     """Set ``new``'s token embedding and output layer (a `Dynamics`, new codebook) from ``old``'s (a
     `Dynamics` trained on the old codebook) through ``counts`` (`code_cooccurrence`). Returns figures on how
@@ -79,11 +116,7 @@ def transplant_vocabulary(new, old, counts: torch.Tensor) -> dict:
     seen = counts.sum(1) > 0
     if not seen.any():
         raise ValueError("no code pairs counted: no frames were coded")
-    old_emb = old.token_emb.weight[:vo].double()
-    share = counts / counts.sum(1, keepdim=True).clamp_min(1)  # P(old i | new j)
-    old_freq = counts.sum(0) / counts.sum()
-    emb = torch.where(seen[:, None], share @ old_emb, (old_freq @ old_emb)[None])
-    new.token_emb.weight[:vn] = emb.to(new.token_emb.weight.dtype)
+    transplant_embedding(new.token_emb.weight, old.token_emb.weight, counts)
     new.token_emb.weight[vn] = old.token_emb.weight[vo]  # the mask token
     m = counts.argmax(1)
     chose = counts[torch.arange(vn), m]  # positions of new code j on its old code m(j)
@@ -118,6 +151,13 @@ def carry_dynamics(model, body_release: str | Path, data: str | Path | None, max
     model.tokenizer.train(was_training)
     stats = transplant_vocabulary(model.dynamics, old.dynamics, counts)
     stats["frames"] = len(frames)
+    stats["outcomes"] = carry_outcomes(model.outcomes, old.outcomes, counts)
+    if stats["outcomes"]:
+        log(f"the reward and episode-end heads of {body_release} carried over too (thresholds as they were: "
+            "calibrate them again with `python -m training.outcomes --calibrate-on`)")
+    elif model.outcomes is not None:
+        log(f"the model's reward and episode-end heads start fresh: {body_release} has no token-reading heads "
+            "of the same shape")
     stats["seconds"] = round(time.time() - t0, 1)
     log(f"dynamics vocabulary carried over from {body_release}'s {stats['old_vocab']} codes to "
         f"{stats['new_vocab']} on {len(frames)} frames ({stats['seconds']} s): {stats['new_codes_seen']} new "
