@@ -130,16 +130,16 @@ def transplant_vocabulary(new, old, counts: torch.Tensor) -> dict:
             "commonest_old_code_share": float(counts.max(1).values.sum() / counts.sum())}
 
 
-def carry_dynamics(model, body_release: str | Path, data: str | Path | None, max_frames: int = 4096,
+def carry_dynamics(model, body_release: str | Path, data: str | Path, max_frames: int = 4096,
                    log=print) -> dict | None:
     """Carry ``body_release``'s dynamics vocabulary over to ``model``'s tokenizer (the transformer itself
     is loaded by the caller), counting codes on ``max_frames`` frames of ``data``. None (and the fresh
     vocabulary tensors kept) where ``data`` has no frames."""
     from genie_env import Genie
 
-    frames = sample_frames(data, model.config.image_size, max_frames) if data is not None else None
+    frames = sample_frames(data, model.config.image_size, max_frames)
     if frames is None:
-        log(f"dynamics vocabulary: {data} has no frames to match the two codebooks on (a tokens file): the "
+        log(f"dynamics vocabulary: {data} is a tokens file, with no frames to match the two codebooks on: the "
             "token embedding and output layer start fresh")
         return None
     t0 = time.time()
