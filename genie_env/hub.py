@@ -128,6 +128,16 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
+def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a checkpoint folder stores its weights in, as `save_pretrained`'s dtype: torch.float16
+    when its (non-codebook) floating-point weights are half precision, None (as loaded) otherwise. A tool
+    that rewrites a shipped folder passes it on, so the folder keeps its size."""
+    header = read_safetensors_header(Path(folder) / WEIGHTS_NAME)
+    floats = [v["dtype"] for k, v in header.items() if v["dtype"] in ("F16", "BF16", "F32", "F64")
+              and "quantizer" not in k]
+    return torch.float16 if floats and all(d == "F16" for d in floats) else None
+
+
 def load_config(path: Path) -> GenieConfig:
     try:
         data = json.loads(path.read_text())

@@ -387,3 +387,24 @@ def test_reward_stage_trains_heads_on_a_release(tmp_path):
             "--stage", "reward", "--init-from", str(base), "--no-progress", "--threads", "1", "outcome_input=hidden",
             "outcome_reward_terminates=true", "stages.reward.max_steps=2", check=False)
     assert r.returncode == 2 and "1 of the 3 recorded reward events did not end their episode" in r.stderr
+
+
+def test_calibration_saves_thresholds_and_keeps_a_half_precision_folder_half(tmp_path):
+    """`training.outcomes --calibrate-on` rewrites the checkpoint folder with the new thresholds; a shipped
+    (float16) folder stays float16, not twice its size."""
+    from genie_env.hub import read_safetensors_header, stored_dtype
+
+    ckpt = write_tiny_checkpoint(tmp_path / "c", outcome_input="tokens", outcome_frames=2)
+    Genie.from_pretrained(ckpt).save_pretrained(ckpt, dtype=torch.float16)
+    assert stored_dtype(ckpt) == torch.float16
+    before = Genie.from_pretrained(ckpt).outcomes.threshold.clone()
+    data = _outcome_videos(tmp_path / "d", n=6)
+    run("-m", "training.outcomes", "--checkpoint", str(ckpt), "--calibrate-on", str(data), "--data", str(data))
+    header = read_safetensors_header(ckpt / "model.safetensors")
+    assert header["outcomes.out.2.weight"]["dtype"] == "F16"
+    assert stored_dtype(ckpt) == torch.float16
+    assert not torch.equal(Genie.from_pretrained(ckpt).outcomes.threshold, before)
+    assert (ckpt / "prompts.npz").is_file() and (ckpt / "action_map.json").is_file()
+    # a float32 folder stays float32
+    Genie.from_pretrained(ckpt).save_pretrained(ckpt)
+    assert stored_dtype(ckpt) is None

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from genie_env import Genie
+from genie_env.hub import stored_dtype
 from genie_env.models.outcomes import EVENTS
 from training.data import FrameCache, OutcomeSampler, to_tensor
 
@@ -299,11 +300,15 @@ def calibrate(model: Genie, data_dir: str | Path | list, action_map: dict[str, i
     return res
 
 
-def real_event_rates(data_dir: str | Path | list) -> dict[str, float]:
+def real_event_rates(data_dir: str | Path | list) -> dict[str, float] | None:
     """Events per 1,000 steps of the real game under the recording's policy, from its dataset.json (of the
-    first full recording in a list: an episode-ends recording has no natural rate)."""
+    first full recording in a list: an episode-ends recording has no natural rate); None for videos that
+    `training.record` did not make (no dataset.json: no policy to give a rate for)."""
     dirs = data_dir if isinstance(data_dir, list | tuple) else [data_dir]
-    summaries = [(d, json.loads((Path(d) / "dataset.json").read_text())) for d in dirs]
+    summaries = [(d, json.loads((Path(d) / "dataset.json").read_text())) for d in dirs
+                 if (Path(d) / "dataset.json").is_file()]
+    if not summaries:
+        return None
     full = [(d, s) for d, s in summaries if not s.get("episode_ends")]
     if not full:
         raise ValueError(f"{_name(data_dir)}: an episode-ends recording has no natural event rate: give a full "
@@ -409,8 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --calibrate-on writes into --checkpoint: name the release folder", file=sys.stderr)
             return 2
         cal = calibrate(model, a.calibrate_on, action_map, a.max_inside, a.seed)
-        model.save_pretrained(a.checkpoint, extra_files={n: Path(a.checkpoint) / n for n in EXTRA_FILES
-                                                         if (Path(a.checkpoint) / n).is_file()})
+        model.save_pretrained(a.checkpoint, dtype=stored_dtype(a.checkpoint),  # a float16 folder stays float16
+                              extra_files={n: Path(a.checkpoint) / n for n in EXTRA_FILES
+                                           if (Path(a.checkpoint) / n).is_file()})
         print(f"thresholds {cal['threshold']} (best F1 on {_name(a.calibrate_on)}) saved into {a.checkpoint}")
     res = metric8(model, a.data, action_map, a.max_inside, a.dream_steps, a.num_envs, a.seed)
     if cal is not None:
