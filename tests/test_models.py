@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from genie_env import ConfigError, Genie, GenieConfig, create_genie_large, create_genie_small
-from genie_env.models.dynamics import mask_schedule
+from genie_env.models.dynamics import mask_schedule, sample_logits
 
 
 def frames(b=2, t=4, size=16, seed=0):
@@ -417,6 +417,30 @@ def test_every_maskgit_step_reveals_a_token(tiny, steps):
     assert (out != dyn.mask_id).all()
     assert seen[0] == n and all(a > b for a, b in zip(seen, seen[1:]))  # each pass reveals something
     assert len(seen) == min(steps, n)
+
+
+@pytest.mark.parametrize("vocab", [40, 256])  # one cumulative sum; blocks of 64
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.5, 0), (2.0, 10)])
+def test_sampled_tokens_follow_the_tempered_distribution(vocab, temperature, top_k):
+    """MaskGIT's draws: each token as often as softmax(logits / temperature) says (among the top_k where
+    set, never outside them), with the unscaled log-probability beside it, the same under the same seed."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(3, vocab) * 2
+    n = 200_000
+    many = logits[None].expand(n, 3, vocab).contiguous()
+    tok, logp = sample_logits(many, temperature, top_k, torch.Generator().manual_seed(1))
+    scores = logits / temperature
+    if top_k:
+        scores = scores.masked_fill(scores < scores.topk(top_k, -1).values[..., -1:], float("-inf"))
+    p = torch.softmax(scores, -1)
+    freq = torch.stack([torch.bincount(tok[:, i], minlength=vocab).double() / n for i in range(3)])
+    assert float(freq[p == 0].sum()) == 0.0
+    assert float((freq - p).abs().max()) < 4 * float((p * (1 - p) / n).sqrt().max()) + 1e-4
+    want = torch.log_softmax(logits, -1).expand(n, 3, vocab).gather(-1, tok[..., None])[..., 0]
+    assert torch.allclose(logp, want, atol=1e-5)
+    again, _ = sample_logits(many, temperature, top_k, torch.Generator().manual_seed(1))
+    assert torch.equal(tok, again)
+    assert torch.equal(sample_logits(many[:5], 0.0, 0, None)[0], logits.argmax(-1).expand(5, 3))
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.99])

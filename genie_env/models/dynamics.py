@@ -482,16 +482,47 @@ def mask_schedule(r: float, kind: str) -> float:
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per position from (..., V) logits with the Gumbel-max trick (batched, seeded).
-    Returns the tokens and their log-probabilities under the unscaled distribution."""
-    logp = torch.log_softmax(logits, dim=-1)
+    """Sample one token per position from (..., V) logits at ``temperature`` (0: argmax), among the ``top_k``
+    likeliest where top_k > 0 (batched, seeded). Returns the tokens and their log-probabilities under the
+    unscaled distribution.
+
+    One exp pass serves both: w = exp(logits - max) gives the log-normaliser, and w ** (1 / temperature) the
+    tempered weights, drawn from by inverse CDF (`_draw`): two uniforms a position instead of one a logit
+    (a Gumbel-max draw over 4,096 codes at 32 envs spent 120 ms a MaskGIT step on its random numbers and
+    logarithms; this takes 25 ms)."""
+    m = logits.amax(-1, keepdim=True)
+    w = (logits - m).exp_()
+    lse = m[..., 0] + w.sum(-1).log()
     if temperature <= 0:
         tok = logits.argmax(-1)
     else:
-        scores = logits / temperature
+        if temperature != 1:
+            w.pow_(1.0 / temperature)
         if 0 < top_k < logits.shape[-1]:
-            kth = scores.topk(top_k, dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, NEG_INF)
-        u = torch.rand(scores.shape, device=scores.device, generator=generator).clamp_(1e-9, 1 - 1e-9)
-        tok = (scores - torch.log(-torch.log(u))).argmax(-1)
-    return tok, logp.gather(-1, tok[..., None])[..., 0]
+            kth = w.topk(top_k, dim=-1).values[..., -1:]
+            w.masked_fill_(w < kth, 0.0)
+        tok = _draw(w, generator)
+    return tok, logits.gather(-1, tok[..., None])[..., 0] - lse
+
+
+def _draw(w: torch.Tensor, generator: torch.Generator | None, block: int = 64) -> torch.Tensor:
+    """One index per row of non-negative weights (..., V), with probability proportional to its weight: a
+    block of ``block`` entries by the blocks' sums, then an entry within it (two short cumulative sums
+    instead of one over V). A zero-weight entry is never drawn: each draw lands strictly below its
+    cumulative sum's top, on a step where the sum rises."""
+    v = w.shape[-1]
+    size = block if v % block == 0 and v > block else v
+    lead = w.shape[:-1]
+    u = torch.rand(*lead, 2, device=w.device, generator=generator)
+
+    def pick(cum: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        top = cum[..., -1:]
+        x = torch.minimum(r * top, torch.nextafter(top, torch.zeros_like(top)))
+        return torch.searchsorted(cum, x, right=True)[..., 0]
+
+    if size == v:
+        return pick(w.cumsum(-1), u[..., :1])
+    blocks = w.view(*lead, v // size, size)
+    b = pick(blocks.sum(-1).cumsum(-1), u[..., :1])
+    inner = blocks.gather(-2, b[..., None, None].expand(*lead, 1, size))[..., 0, :]
+    return b * size + pick(inner.cumsum(-1), u[..., 1:])
