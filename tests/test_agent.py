@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from genie_env import GenieVectorEnv
 from genie_env.agent import AgentConfig, DreamAgent, load_agent
 from training.evaluate_agent import real_actions_for, summarize
 from training.train_agent import AgentArgs, AgentTrainer, gae
@@ -67,9 +68,13 @@ def test_ppo_in_the_dream_learns_a_rewarded_action(tiny_checkpoint, tmp_path):
     trainer = AgentTrainer(args, log=lambda *a: None, reward_fn=lambda prev, a, obs: float(a == 2))
     agent = trainer.run()
     assert agent.config.action_names == ["NONE", "LEFT", "RIGHT", "UP", "LEFT+UP", "RIGHT+UP"]
-    obs = np.random.default_rng(1).integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    # judged on frames of the dream it learned in (random noise images are outside what it saw)
+    envs = GenieVectorEnv(16, str(tiny_checkpoint))
+    obs = [envs.reset(seed=1)[0]]
+    for _ in range(3):
+        obs.append(envs.step(np.random.default_rng(2).integers(0, 8, 16))[0])
     with torch.no_grad():
-        p = torch.softmax(agent(torch.from_numpy(obs))[0], -1)[:, agent.config.actions.index(2)]
+        p = torch.softmax(agent(torch.from_numpy(np.concatenate(obs)))[0], -1)[:, agent.config.actions.index(2)]
     assert p.mean() > 0.6  # 1/6 before training
     rows = (tmp_path / "agent" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 12 and rows[0].startswith("step,update")
