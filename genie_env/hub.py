@@ -128,13 +128,18 @@ def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     return header
 
 
+def _kept_float32(name: str) -> bool:
+    """Codebooks stay float32 whatever dtype a folder stores its weights in, so that tokens do not change."""
+    return "quantizer" in name
+
+
 def stored_dtype(folder: str | os.PathLike) -> torch.dtype | None:
     """The dtype a checkpoint folder stores its weights in, as `save_pretrained`'s dtype: torch.float16
     when its (non-codebook) floating-point weights are half precision, None (as loaded) otherwise. A tool
     that rewrites a shipped folder passes it on, so the folder keeps its size."""
     header = read_safetensors_header(Path(folder) / WEIGHTS_NAME)
     floats = [v["dtype"] for k, v in header.items() if v["dtype"] in ("F16", "BF16", "F32", "F64")
-              and "quantizer" not in k]
+              and not _kept_float32(k)]
     return torch.float16 if floats and all(d == "F16" for d in floats) else None
 
 
@@ -267,7 +272,7 @@ class HubMixin:
             state = {}
             for k, v in self.state_dict().items():  # type: ignore[attr-defined]
                 v = v.detach().cpu()
-                if dtype is not None and v.is_floating_point() and "quantizer" not in k:
+                if dtype is not None and v.is_floating_point() and not _kept_float32(k):
                     v = v.to(dtype)
                 state[k] = v.contiguous().clone()
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "genie-env"})
