@@ -245,6 +245,49 @@ class ClipSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
+class KeyClipSampler(ClipSampler):
+    """A `ClipSampler` whose clips also carry the recorded keys, as latent actions through an action map.
+
+    A share ``share`` of the clips (drawn per clip) gets, for each transition t -> t+1, the latent action
+    ``action_map[group]`` of the key group recorded for it (``action_groups`` in the video's JSON; LEFT,
+    RIGHT+UP, ...); the other clips, and transitions whose video records no keys, get -1 (the stage infers
+    their latent action from the frames, as without this sampler). This teaches the dynamics what a key
+    does in every state, where the latent action model names what the frames did: RIGHT against a wall
+    or UP in mid-air changes little, while the latent inferred there is that of standing still.
+    """
+
+    def __init__(self, cache: FrameCache, num_frames: int, action_map: dict[str, int], share: float,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(cache, num_frames, seed=seed, rank=rank, world_size=world_size)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"key_actions={share}: the share of clips driven by recorded keys must be in [0, 1]")
+        self.share = float(share)
+        self.keys: list[np.ndarray | None] = []
+        for e in cache.videos:
+            meta = load_actions(cache.data_dir, e.name) or {}
+            groups = meta.get("action_groups")
+            if not groups:
+                self.keys.append(None)
+                continue
+            lat = np.array([action_map.get(g, -1) for g in groups[: e.frames - 1]], np.int64)
+            self.keys.append(np.pad(lat, (0, e.frames - 1 - len(lat)), constant_values=-1))
+        self.keyed_videos = sum(k is not None for k in self.keys)
+        if share > 0 and not self.keyed_videos:
+            raise DatasetError(f"key_actions={share}: no video in {cache.data_dir} records its keys "
+                               "(action_groups in video_*.json, as training.record writes them)")
+
+    def sample(self, batch: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        """{"frames": (batch, T, H, W, 3) uint8, "key_actions": (batch, T - 1) int64, -1 = infer}."""
+        draws = self.draw(batch)
+        keyed = self.rng.random(batch) < self.share
+        frames = np.stack([self.cache.clip(v, s, self.num_frames) for v, s in draws])
+        acts = np.full((batch, self.num_frames - 1), -1, np.int64)
+        for b, (v, s) in enumerate(draws):
+            if keyed[b] and self.keys[v] is not None:
+                acts[b] = self.keys[v][s : s + self.num_frames - 1]
+        return {"frames": frames, "key_actions": acts}
+
+
 def to_tensor(clips: np.ndarray):
     """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [0, 1]."""
     import torch

@@ -266,6 +266,9 @@ def to_batch(sample, device: torch.device) -> dict[str, torch.Tensor]:
         tokens, actions = sample
         return {"tokens": torch.from_numpy(tokens.astype(np.int64)).flatten(2).to(device, non_blocking=True),
                 "actions": torch.from_numpy(actions.astype(np.int64)).to(device, non_blocking=True)}
+    if isinstance(sample, dict):  # frames and the recorded keys' latent actions (training.data.KeyClipSampler)
+        return {"frames": to_tensor(sample["frames"]).to(device, non_blocking=True),
+                "key_actions": torch.from_numpy(sample["key_actions"]).to(device, non_blocking=True)}
     return {"frames": to_tensor(sample).to(device, non_blocking=True)}
 
 

@@ -41,7 +41,7 @@ from genie_env import Genie, GenieConfig
 from genie_env.config import ConfigError, load_yaml
 from genie_env.hub import EXTRA_FILES, recover_interrupted_save
 from training.checkpoint import CheckpointWriteError, RunLock, atomic_save, load_checkpoint
-from training.data import DatasetError, FrameCache, OutcomeSampler
+from training.data import DatasetError, FrameCache, KeyClipSampler, OutcomeSampler
 from training.pretokenized import TokenFile, make_sampler, open_training_data, to_batch
 from training.transplant import carry_dynamics
 
@@ -53,7 +53,7 @@ STAGE_FIELDS = {
     "lam_entropy_weight", "lam_beta", "lambda_action", "lambda_dynamics", "tokenizer_commitment",
     "outcome_end_fraction", "outcome_pos_weight",
 }
-STAGE_EXTRA = {"cotrain_lam": True}
+STAGE_EXTRA = {"cotrain_lam": True, "key_actions": 0.0}
 
 
 @dataclass
@@ -188,10 +188,12 @@ class StageModule(nn.Module):
         return params
 
     def forward(self, frames: torch.Tensor | dict | None = None, tokens: torch.Tensor | None = None,
-                actions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                actions: torch.Tensor | None = None, key_actions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """frames (B, 3, T, H, W) in [0, 1] (for the reward stage: an `OutcomeSampler` or `FeaturePool`
         batch); or, for the dynamics stage from a tokens file, tokens (B, T, n) and latent actions (B, T-1)
-        that the frozen tokenizer and latent action model gave for them."""
+        that the frozen tokenizer and latent action model gave for them. key_actions (B, T-1): the recorded
+        keys' latent actions (`training.data.KeyClipSampler`), which replace the inferred ones where >= 0."""
         g, cfg = self.genie, self.cfg
         if self.stage == "reward":
             from training.outcomes import compute_loss
@@ -216,6 +218,8 @@ class StageModule(nn.Module):
         else:
             with torch.no_grad():
                 actions = g.latent_actions.infer(frames)
+        if key_actions is not None:
+            actions = torch.where(key_actions >= 0, key_actions, actions)
         ce, m = g.dynamics.loss(tokens, actions)
         loss = cfg.lambda_dynamics * ce
         if self.cotrain_lam:
@@ -412,6 +416,10 @@ class Trainer:
             src = sources.get("dynamics")
             model.extra_files = {name: src / name for name in EXTRA_FILES
                                  if src is not None and (src / name).is_file() and name != "README.md"}
+        elif stage == "dynamics":  # the action map belongs to the latent action model (key_actions reads it)
+            src = sources.get("latent_actions")
+            if src is not None and (src / "action_map.json").is_file():
+                model.extra_files = {"action_map.json": src / "action_map.json"}
         return model.train()
 
     def run_stage(self, stage: str) -> str:
@@ -489,6 +497,8 @@ class Trainer:
                 assert genie.outcomes is not None
                 genie.outcomes.logit_offset.fill_(-math.log(cfg.outcome_pos_weight))
                 genie.outcomes.event_reward.fill_(sampler.mean_event_reward)
+        elif extra["key_actions"]:
+            sampler = self._key_sampler(stage, genie, cache, cfg, extra)
         else:
             sampler = make_sampler(cache, cfg.num_frames, seed=cfg.seed + STAGES.index(stage), rank=self.rank,
                                    world_size=self.world)
@@ -601,6 +611,26 @@ class Trainer:
         return status
 
     # ------------------------------------------------------------------ helpers
+    def _key_sampler(self, stage: str, genie: Genie, cache, cfg: GenieConfig, extra: dict) -> KeyClipSampler:
+        """Clips of which a share ``key_actions`` is driven by the recorded keys through the action map of
+        the latent action model (its release's action_map.json, which the export computes the same way)."""
+        share = extra["key_actions"]
+        if stage != "dynamics":
+            raise ConfigError(f"stages.{stage}.key_actions={share}: recorded keys drive only the dynamics stage")
+        if not isinstance(cache, FrameCache):
+            raise ConfigError(f"key_actions={share} reads the keys recorded beside the videos: --data must be the "
+                              f"dataset folder, not a tokens or frames file ({self.args.data})")
+        amap = _read_action_map(genie)
+        if not amap:
+            raise ConfigError(f"key_actions={share} needs the latent action model's action_map.json (key group -> "
+                              "latent action): start it from a release that has one (--init-part "
+                              "latent_actions=FOLDER), or make one with training.export")
+        sampler = KeyClipSampler(cache, cfg.num_frames, amap, share, seed=cfg.seed + STAGES.index(stage),
+                                 rank=self.rank, world_size=self.world)
+        self.log(f"stage {stage}: {share:.0%} of the clips driven by their recorded keys through {amap} "
+                 f"({sampler.keyed_videos} of {len(cache.videos)} videos record them)")
+        return sampler
+
     def _agree_stop(self) -> bool:
         """All ranks stop together when any received a stop signal."""
         if self.world == 1:
