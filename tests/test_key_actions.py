@@ -105,24 +105,44 @@ def test_the_stage_trains_on_the_key_actions(tmp_path):
 
 
 def test_key_actions_in_the_training_cli(tmp_path):
-    """End to end: a release with an action map drives the stage by keys (and its release keeps the map);
-    without a map, or from another stage, a clear error."""
-    data = moving_square_videos(tmp_path / "d", n=4, frames=12)
+    """End to end: the latent action model's own action map drives the stage, or, where it has none, one made
+    from the recorded keys as training.export makes it; the release keeps the map and the export keeps the
+    release's. Videos without keys, or another stage, give a clear error."""
+    from genie_env import Genie
+    from training.export import action_map, infer_with_groups
+
+    data = moving_square_videos(tmp_path / "d", n=4, frames=20)
     cfg = tiny_train_config(tmp_path / "c.yaml")
     base = tmp_path / "base"
     train(cfg, data, base, "--stage", "tokenizer")
     train(cfg, data, base, "--stage", "lam")
-    lam = base / "lam" / "release"
-    bad = train(cfg, data, tmp_path / "nomap", "--stage", "dynamics", "--init-part", f"latent_actions={lam}",
-                "stages.dynamics.key_actions=0.5", check=False)
-    assert bad.returncode == 2 and "needs the latent action model's action_map.json" in bad.stderr
+    tok, lam = f"tokenizer={base / 'tokenizer' / 'release'}", base / "lam" / "release"
+    r = train(cfg, data, tmp_path / "made", "--stage", "dynamics", "--init-part", tok,
+              "--init-part", f"latent_actions={lam}", "stages.dynamics.key_actions=0.5")
+    assert "made one from the recorded keys" in r.stdout and "50% of the clips driven" in r.stdout
+    made = json.loads((tmp_path / "made" / "dynamics" / "release" / "action_map.json").read_text())
+    want = action_map(*infer_with_groups(Genie.from_pretrained(lam), data), 8)["map"]
+    assert made == want and set(made) == {"LEFT", "NONE", "RIGHT"}
+
     mapped = tmp_path / "mapped"
     shutil.copytree(lam, mapped)
     (mapped / "action_map.json").write_text(json.dumps(AMAP))
     r = train(cfg, data, tmp_path / "run", "--stage", "dynamics", "--init-part", f"latent_actions={mapped}",
-              "--init-part", f"tokenizer={base / 'tokenizer' / 'release'}", "stages.dynamics.key_actions=0.5")
-    assert "50% of the clips driven by their recorded keys" in r.stdout and "4 of 4 videos" in r.stdout
+              "--init-part", tok, "stages.dynamics.key_actions=0.5")
+    assert "made one" not in r.stdout and "4 of 4 videos" in r.stdout and str(AMAP) in r.stdout
     rel = tmp_path / "run" / "dynamics" / "release"
     assert json.loads((rel / "action_map.json").read_text()) == AMAP
+    from test_training import run
+
+    r = run("-m", "training.export", "--release", str(rel), "--val-data", str(data), "--out", str(tmp_path / "ex"),
+            "--prompts", "4")
+    assert json.loads((tmp_path / "ex" / "action_map.json").read_text()) == AMAP
+    assert (AMAP != want) == ("kept the release's action map" in r.stdout)
+
     bad = train(cfg, data, tmp_path / "lam2", "--stage", "lam", "stages.lam.key_actions=0.5", check=False)
     assert bad.returncode == 2 and "drive only the dynamics stage" in bad.stderr
+    for j in (data / "videos").glob("*.json"):
+        j.unlink()
+    bad = train(cfg, data, tmp_path / "nokeys", "--stage", "dynamics", "--init-part", tok,
+                "--init-part", f"latent_actions={lam}", "stages.dynamics.key_actions=0.5", check=False)
+    assert bad.returncode == 2 and "no true actions stored" in bad.stderr and "key_actions=0" in bad.stderr

@@ -7,6 +7,8 @@ The action map says, for each true action group (LEFT, RIGHT, UP = jump, ...), w
 most associated with it: latent actions are inferred on recorded validation transitions whose true
 actions are known, and each group gets the latent action with the highest pointwise mutual information
 with it (each latent action used once, strongest associations first). The viewer's arrow keys use it.
+A release that carries an action_map.json keeps it (a dynamics trained with ``key_actions`` learned the
+keys through that map).
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             p.error(str(e))
     keep_card = a.out.resolve() != a.release.resolve()
+    trained_map = model.extra_files.get("action_map.json")
+    trained_map = json.loads(trained_map.read_text()) if trained_map is not None else None
     model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and keep_card}
     tmp = a.out.with_name(a.out.name + ".extras")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -117,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(tmp / "prompts.npz", frames=frames)
     lat, grp = infer_with_groups(model, a.val_data)
     am = action_map(lat, grp, model.config.action_vocab_size)
+    if trained_map is not None:  # a release's own map: its dynamics may have learned the keys through it
+        if trained_map != am["map"]:
+            print(f"kept the release's action map {trained_map}; {a.val_data} alone would give {am['map']}")
+        am["map"] = trained_map
     (tmp / "action_map.json").write_text(json.dumps(am["map"], indent=1) + "\n")
     extras = {"prompts.npz": tmp / "prompts.npz", "action_map.json": tmp / "action_map.json"}
     for name in EXTRA_FILES:  # the model card and its pictures stay

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import signal
@@ -613,18 +614,32 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _key_sampler(self, stage: str, genie: Genie, cache, cfg: GenieConfig, extra: dict) -> KeyClipSampler:
         """Clips of which a share ``key_actions`` is driven by the recorded keys through the action map of
-        the latent action model (its release's action_map.json, which the export computes the same way)."""
+        the latent action model: its release's action_map.json, or else one made here the way training.export
+        makes it, which the release keeps (and the export with it: the keys mean what the dynamics learned)."""
         share = extra["key_actions"]
         if stage != "dynamics":
             raise ConfigError(f"stages.{stage}.key_actions={share}: recorded keys drive only the dynamics stage")
         if not isinstance(cache, FrameCache):
             raise ConfigError(f"key_actions={share} reads the keys recorded beside the videos: --data must be the "
                               f"dataset folder, not a tokens or frames file ({self.args.data})")
-        amap = _read_action_map(genie)
-        if not amap:
-            raise ConfigError(f"key_actions={share} needs the latent action model's action_map.json (key group -> "
-                              "latent action): start it from a release that has one (--init-part "
-                              "latent_actions=FOLDER), or make one with training.export")
+        amap = _read_action_map(genie) if "action_map.json" in genie.extra_files else {}
+        if not amap:  # the map training.export would make, from the recorded keys of the training videos
+            from training.export import action_map, infer_with_groups
+
+            genie.eval()
+            try:
+                amap = action_map(*infer_with_groups(genie, cache.data_dir), cfg.action_vocab_size)["map"]
+            except ValueError as e:
+                raise ConfigError(f"key_actions={share}: {e}; record the videos with training.record, or set "
+                                  "key_actions=0") from e
+            finally:
+                genie.train()
+            path = self.out / stage / "action_map.json"
+            if self.is_main:
+                path.write_text(json.dumps(amap, indent=1) + "\n")
+            genie.extra_files = {**genie.extra_files, "action_map.json": path}
+            self.log(f"stage {stage}: the latent action model has no action_map.json; made one from the recorded "
+                     f"keys of {cache.data_dir}, as training.export does, and kept with the release")
         sampler = KeyClipSampler(cache, cfg.num_frames, amap, share, seed=cfg.seed + STAGES.index(stage),
                                  rank=self.rank, world_size=self.world)
         self.log(f"stage {stage}: {share:.0%} of the clips driven by their recorded keys through {amap} "
