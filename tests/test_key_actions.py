@@ -63,8 +63,8 @@ def test_key_actions_share_and_videos_without_keys(tmp_path):
     cache = FrameCache(data, 16, log=lambda *a: None)
     s = KeyClipSampler(cache, 4, AMAP, share=1.0, seed=0)
     assert s.keyed_videos == 2
-    for v, start in s.draw(50):
-        assert (s.keys[v] is None) == (v in (1, 2))
+    unkeyed = (s.sample(400)["key_actions"] == -1).all(1).mean()
+    assert 0.35 < unkeyed < 0.65  # half the videos (of equal length) record no keys: their clips are inferred
     for v in (1, 2):
         (data / "videos" / f"video_{v:03d}.json").unlink(missing_ok=True)
     for v in (0, 3):
