@@ -24,6 +24,7 @@ import torch
 
 from genie_env import Genie
 from genie_env.config import ConfigError
+from genie_env.env import load_action_map
 from genie_env.hub import EXTRA_FILES
 from training.data import FrameCache, load_actions
 
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             p.error(str(e))
     keep_card = a.out.resolve() != a.release.resolve()
-    trained_map = model.extra_files.get("action_map.json")
-    trained_map = json.loads(trained_map.read_text()) if trained_map is not None else None
+    trained_map = load_action_map(model)  # {} when the release carries none
     model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and keep_card}
     tmp = a.out.with_name(a.out.name + ".extras")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(tmp / "prompts.npz", frames=frames)
     lat, grp = infer_with_groups(model, a.val_data)
     am = action_map(lat, grp, model.config.action_vocab_size)
-    if trained_map is not None:  # a release's own map: its dynamics may have learned the keys through it
+    if trained_map:  # a release's own map: its dynamics may have learned the keys through it
         if trained_map != am["map"]:
             print(f"kept the release's action map {trained_map}; {a.val_data} alone would give {am['map']}")
         am["map"] = trained_map

@@ -622,7 +622,9 @@ class Trainer:
         if not isinstance(cache, FrameCache):
             raise ConfigError(f"key_actions={share} reads the keys recorded beside the videos: --data must be the "
                               f"dataset folder, not a tokens or frames file ({self.args.data})")
-        amap = _read_action_map(genie) if "action_map.json" in genie.extra_files else {}
+        from genie_env.env import load_action_map
+
+        amap = load_action_map(genie)
         if not amap:  # the map training.export would make, from the recorded keys of the training videos
             from training.export import action_map, infer_with_groups
 
