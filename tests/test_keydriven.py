@@ -149,6 +149,7 @@ def test_keydriven_cli_smoke(tiny_checkpoint, tmp_path):
     assert "key accuracy" in r.stdout and "scroll RIGHT - LEFT" in r.stdout and "floor" in r.stdout
     res = json.loads((tmp_path / "k.json").read_text())
     assert res["starts"] == 2 and len(res["psnr"]) == len(res["copy_psnr"]) == 8
+    assert res["dtype"] == "fp32" and res["bf16"] is False   # --no-bf16 is honoured, as by training.evaluate
     assert set(res["floors"]) >= {"psnr_above_copy", "key_accuracy", "scroll_ratio", "jump_agreement"}
     assert (tmp_path / "k.png").stat().st_size > 0 and (tmp_path / "k-long.png").stat().st_size > 0
 
