@@ -11,11 +11,13 @@ and on AVX-512 without AVX512_BF16 at 38 against 94 (oneDNN limited to AVX512_CO
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import torch
 
-__all__ = ["DTYPES", "native_bf16", "default_dtype", "resolve_dtype", "autocast_dtype", "describe"]
+__all__ = ["DTYPES", "native_bf16", "default_dtype", "resolve_dtype", "autocast_dtype", "describe",
+           "add_dtype_options", "dtype_from_options"]
 
 DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp32": None}
 """Name -> the autocast dtype it means (None = no autocast, plain fp32)."""
@@ -75,6 +77,23 @@ def resolve_dtype(dtype: str | None, device: str | torch.device = "cpu") -> str:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None (None = bf16 where the hardware runs "
                          f"it natively, else fp32), got {dtype!r}")
     return dtype
+
+
+def add_dtype_options(parser: argparse.ArgumentParser) -> None:
+    """A command's ``--dtype`` and its older spelling ``--bf16`` / ``--no-bf16``; read them back with
+    `dtype_from_options`."""
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="number format (default: bf16 where the hardware runs it natively, else fp32)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="the same as --dtype bf16 (--no-bf16: --dtype fp32)")
+
+
+def dtype_from_options(args: argparse.Namespace, device: str | torch.device = "cpu") -> str:
+    """The dtype name that `add_dtype_options`' ``--dtype`` / ``--bf16`` ask for on ``device``."""
+    dtype = args.dtype
+    if dtype is None and args.bf16 is not None:
+        dtype = "bf16" if args.bf16 else "fp32"
+    return resolve_dtype(dtype, device)
 
 
 def autocast_dtype(dtype: str) -> torch.dtype | None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from genie_env import Genie
 from genie_env.env import load_action_map
 from genie_env.models.genie import resolve_carry
-from genie_env.precision import DTYPES, autocast_dtype, resolve_dtype
+from genie_env.precision import add_dtype_options, autocast_dtype, dtype_from_options
 from training.metrics import psnr
 
 KEYS = ("LEFT", "RIGHT", "NONE", "UP", "LEFT+UP", "RIGHT+UP")
@@ -495,10 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--carry", action=argparse.BooleanOptionalAction, default=None,
                    help="carry unchanged tokens' patches over sharp (default: the model's config.carry_unchanged)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="number format (default: bf16 where the hardware runs it natively, else fp32)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="the same as --dtype bf16 (--no-bf16: --dtype fp32)")
+    add_dtype_options(p)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--strip-starts", type=int, default=3, help="starts shown in the strips")
@@ -516,9 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     model = Genie.from_pretrained(a.checkpoint).eval()
     if a.carry is not None:
         model.config.carry_unchanged = a.carry
-    if a.dtype is None and a.bf16 is not None:
-        a.dtype = "bf16" if a.bf16 else "fp32"
-    a.dtype = resolve_dtype(a.dtype, model.device)
+    a.dtype = dtype_from_options(a, model.device)
     model.autocast_dtype = autocast_dtype(a.dtype)
     try:
         res = run_keydriven(model, args, a.maskgit_steps, a.temperature, log=lambda s: print(s, file=sys.stderr))
