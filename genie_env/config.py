@@ -63,6 +63,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "lam_entropy_weight": (0.0, 100.0),
     "lam_focus": (0.0, 1000.0),
     "temperature": (0.0, 100.0),
+    "action_gain": (0.0, 10.0),
     "mask_rate_min": (0.0, 1.0),
     "mask_rate_max": (0.0, 1.0),
     "context_noise": (0.0, 1.0),
@@ -182,6 +183,11 @@ class GenieConfig:
     """Sampling temperature (0 = greedy)."""
     top_k: int = 0
     """Sample only among the k most likely tokens (0 = all)."""
+    action_gain: float = 1.0
+    """Sampling: the latent actions' embeddings are moved away from their mean by this factor before the
+    dynamics reads them (the "no action" of a prompt's first frame is not), so a key moves the frame
+    more (> 1) or less (< 1) than the model learned; 1 is the model as trained. Training always uses the
+    embeddings as they are."""
     maskgit_schedule: str = "cosine"
     """How many tokens stay masked after each step: cosine (MaskGIT), linear or exp."""
     carry_unchanged: bool = True

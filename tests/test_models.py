@@ -657,3 +657,34 @@ def test_carry_setting_defaults_to_the_config_and_rejects_non_bools():
     assert context.start(frames(b=1, t=1)[:, :, 0]).carry is False
     with pytest.raises(ValueError, match="per-frame tokenizer"):
         context.start(frames(b=1, t=1)[:, :, 0], carry=True)
+
+
+# ---------------------------------------------------------------------------------------------- action gain
+def test_action_gain_samples_as_embeddings_moved_from_their_mean():
+    """Sampling with ``action_gain`` g is sampling from the model whose latent-action embeddings were moved
+    to mean + g * (e - mean), the null action's left alone; training reads the embeddings as they are."""
+    gain = 1.7
+    model = tiny_model(action_gain=gain, bf16=False)
+    edited = tiny_model(bf16=False)
+    edited.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        w = edited.dynamics.action_emb.weight
+        n = edited.dynamics.null_action
+        mean = w[:n].mean(0)
+        w[:n] = mean + gain * (w[:n] - mean)
+    prompt = frames(b=2, t=2)
+    actions = torch.tensor([[1, 0, 3], [2, 2, 0]])
+
+    def rollout(m):
+        return m.generate(prompt, 5, actions=actions, generator=torch.Generator().manual_seed(3))
+
+    assert torch.equal(rollout(model), rollout(edited))
+    plain = tiny_model(bf16=False)
+    plain.load_state_dict(model.state_dict())
+    assert not torch.equal(rollout(model), rollout(plain))  # the gain changes what is sampled
+    tokens, acts = _tokens_actions(model)
+    g = torch.Generator().manual_seed(0)
+    loss = model.dynamics.loss(tokens, acts, generator=g)[0]
+    assert torch.equal(loss, plain.dynamics.loss(tokens, acts, generator=torch.Generator().manual_seed(0))[0])
+    with pytest.raises(ConfigError, match="action_gain"):
+        tiny_config(action_gain=-0.5)

@@ -224,9 +224,16 @@ class DynamicsModel(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     # ------------------------------------------------------------------ embeddings
-    def _embed(self, tokens: torch.Tensor, actions_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, T, n) (mask_id = masked), actions_in (B, T) (null_action for the first frame)."""
+    def _embed(self, tokens: torch.Tensor, actions_in: torch.Tensor, gain: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, T, n) (mask_id = masked), actions_in (B, T) (null_action for the first frame).
+
+        gain: the latent actions' embeddings are moved away from their mean by this factor (the null
+        action's is not); 1 is the embedding as trained. Sampling uses ``config.action_gain``."""
         a = self.action_emb(actions_in)
+        if gain != 1.0:
+            mean = self.action_emb.weight[: self.null_action].mean(0)
+            a = torch.where((actions_in != self.null_action)[..., None], mean + gain * (a - mean), a)
         return self.token_emb(tokens) + self.pos_emb + a[:, :, None], a
 
     def _train_biases(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,7 +386,7 @@ class DynamicsModel(nn.Module):
             if commit:
                 raise ValueError("pending is committed by a pass over another frame: use commit=False")
             return self._step_pair(cache, pending, tokens, action, rows, return_features)
-        x, a = self._embed(tokens[:, None], action[:, None])
+        x, a = self._embed(tokens[:, None], action[:, None], self.config.action_gain)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if commit and i == last:  # nothing reads this block's output when committing
@@ -403,7 +410,8 @@ class DynamicsModel(nn.Module):
                    action: torch.Tensor, rows: torch.Tensor | None, return_features: bool
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`step` with a pending frame: commit it and run ``tokens`` after it, in one pass."""
-        x, a = self._embed(torch.stack([pending[0], tokens], 1), torch.stack([pending[1], action], 1))
+        x, a = self._embed(torch.stack([pending[0], tokens], 1), torch.stack([pending[1], action], 1),
+                           self.config.action_gain)
         biases = self._pair_biases(cache, rows)
         last = len(self.blocks) - 1
         ks, vs = [], []
