@@ -58,7 +58,9 @@ def load_model(checkpoint: str | Path | None, model: Genie | None, device: str |
 
 
 def load_prompt_bank(model: Genie) -> np.ndarray | None:
-    """The checkpoint's prompt frames (N, H, W, 3) uint8, or None when it ships none."""
+    """The checkpoint's prompts, or None when it ships none: N start frames (N, H, W, 3) uint8, or N short
+    real clips (N, T, H, W, 3) whose last frame is the start frame and whose earlier frames prime the model
+    with the motion before it (`prompt_clips`)."""
     path = model.extra_files.get("prompts.npz")
     if path is None:
         return None
@@ -69,10 +71,23 @@ def load_prompt_bank(model: Genie) -> np.ndarray | None:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot read the prompt bank (expected an npz with a 'frames' array): "
                               f"{e}") from e
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (size, size, 3) or not len(frames):
-        raise CheckpointError(f"{path}: 'frames' must be uint8 of shape (N, {size}, {size}, 3) with N >= 1, "
-                              f"got {frames.dtype} {frames.shape}")
+    max_t = model.config.context_frames - 1
+    if (frames.dtype != np.uint8 or frames.ndim not in (4, 5) or frames.shape[-3:] != (size, size, 3)
+            or not len(frames) or (frames.ndim == 5 and not 1 <= frames.shape[1] <= max(max_t, 1))):
+        raise CheckpointError(f"{path}: 'frames' must be uint8 of shape (N, {size}, {size}, 3) (start frames) or "
+                              f"(N, T, {size}, {size}, 3) with 1 <= T <= {max(max_t, 1)} (clips ending at the "
+                              f"start frame), N >= 1; got {frames.dtype} {frames.shape}")
     return frames
+
+
+def prompt_clips(bank: np.ndarray, index: Any, context_frames: int) -> np.ndarray:
+    """Bank entries ``index`` (a list or array of ints) as clips (B, T, H, W, 3), the start frame last. A
+    bank of single frames gives T = 1; a clip keeps at most its last ``context_frames - 1`` frames, so that
+    the context window has room for the frame generated next."""
+    clips = bank[index]
+    if clips.ndim == 4:
+        clips = clips[:, None]
+    return clips[:, -max(context_frames - 1, 1):]
 
 
 def load_action_map(model: Genie) -> dict[str, int]:
@@ -183,8 +198,11 @@ def check_prompt_images(image: Any, size: int, name: str = "prompt", batch: int 
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device``."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device``; clips (B, T, H, W, 3) ->
+    (B, 3, T, H, W)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.permute(0, 4, 1, 2, 3)
+    return x.float().div(255)
 
 
 def frames_to_images(frames: torch.Tensor) -> np.ndarray:
@@ -247,7 +265,9 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
 
     A real frame drawn (with the env's seed) from the prompt bank shipped with the checkpoint, or the
     image given as `env.reset(options={"prompt": image})`: an (H, W, 3) numpy array, uint8 or float in
-    [0, 1].
+    [0, 1]. A bank of short real clips (the shipped one: 4 frames) primes the model with the frames before
+    the start frame, so that it sees how the player moves (whether it is in the air, how fast it falls);
+    the first observation is the clip's last frame.
 
     ## Episode End
 
@@ -339,8 +359,9 @@ class GenieEnv(gym.Env[np.ndarray, np.int64]):
                 raise ValueError("this checkpoint ships no prompt bank (prompts.npz): pass a start frame as "
                                  f"env.reset(options={{'prompt': image}}) with image a ({size}, {size}, 3) uint8 array")
             index = draw_prompt_index(self.np_random, len(self.prompt_bank))
-            images = self.prompt_bank[index: index + 1]
-            prompt = images_to_tensor(images, self.model.device)
+            clips = prompt_clips(self.prompt_bank, [index], self.context_frames)
+            prompt = images_to_tensor(clips, self.model.device)
+            images = clips[:, -1]
         # Sampling draws happen in `step`, each seeded from np_random; priming the cache draws nothing.
         self._session = self.model.start(prompt, maskgit_steps=self.maskgit_steps, temperature=self.temperature,
                                          top_k=self.top_k, context_frames=self.context_frames, carry=self.carry)

@@ -34,6 +34,7 @@ from genie_env.env import (
     load_model,
     load_prompt_bank,
     predicted_outcomes,
+    prompt_clips,
     seeded_generator,
 )
 from genie_env.models.genie import Genie, GenieSession
@@ -139,8 +140,9 @@ class GenieVectorEnv(VectorEnv):
             self._row_rngs = [seeding.np_random(s)[0] for s in row_seeds]
         if prompt is None:
             index = np.array([draw_prompt_index(rng, len(self.prompt_bank)) for rng in self._row_rngs])
-            images = self.prompt_bank[index]
-            tensor = images_to_tensor(images, self.model.device)
+            clips = prompt_clips(self.prompt_bank, index, self.context_frames)
+            tensor = images_to_tensor(clips, self.model.device)
+            images = clips[:, -1]
         else:
             index = np.full(self.num_envs, -1)
         self.session = self.model.start(tensor.to(self.model.device), maskgit_steps=self.maskgit_steps,
@@ -176,11 +178,12 @@ class GenieVectorEnv(VectorEnv):
         if len(done_rows):
             assert self._row_rngs is not None
             if self.prompt_bank is None:  # no bank: restart from the frames given to the last reset
-                images = self._start_images[done_rows]
+                clips = self._start_images[done_rows][:, None]
             else:
                 index = [draw_prompt_index(self._row_rngs[i], len(self.prompt_bank)) for i in done_rows]
-                images = self.prompt_bank[index]
-            self.session.reset_rows(torch.from_numpy(done_rows), images_to_tensor(images, dev))
+                clips = prompt_clips(self.prompt_bank, index, self.context_frames)
+            self.session.reset_rows(torch.from_numpy(done_rows), images_to_tensor(clips, dev))
+            images = clips[:, -1]
             obs[done_rows] = images
             self._steps[done_rows] = 0
             rewards[done_rows] = 0.0

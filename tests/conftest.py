@@ -37,13 +37,16 @@ def tiny_model(seed: int = 0, **overrides) -> Genie:
     return Genie(tiny_config(**overrides)).eval()
 
 
-def write_tiny_checkpoint(path: Path, seed: int = 0, n_prompts: int = 6, **overrides) -> Path:
-    """A tiny random checkpoint folder with a prompt bank and an action map, as shipped models have."""
+def write_tiny_checkpoint(path: Path, seed: int = 0, n_prompts: int = 6, prompt_frames: int = 0,
+                          **overrides) -> Path:
+    """A tiny random checkpoint folder with a prompt bank and an action map, as shipped models have. The
+    bank holds start frames (N, H, W, 3), or with ``prompt_frames`` clips (N, T, H, W, 3)."""
     model = tiny_model(seed, **overrides)
     size = model.config.image_size
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True, exist_ok=True)
-    np.savez(path / "prompts.npz", frames=rng.integers(0, 256, (n_prompts, size, size, 3), dtype=np.uint8))
+    shape = (n_prompts, prompt_frames, size, size, 3) if prompt_frames else (n_prompts, size, size, 3)
+    np.savez(path / "prompts.npz", frames=rng.integers(0, 256, shape, dtype=np.uint8))
     (path / "action_map.json").write_text(json.dumps(
         {"LEFT": 1, "RIGHT": 2, "UP": 3, "LEFT+UP": 4, "RIGHT+UP": 5, "NONE": 0}))
     model.save_pretrained(path, extra_files={"prompts.npz": path / "prompts.npz",

@@ -185,6 +185,73 @@ def test_without_prompt_bank_reset_needs_a_prompt(no_bank_ckpt):
     assert env.step(3)[0].shape == (SIZE, SIZE, 3)
 
 
+@pytest.fixture(scope="module")
+def clip_ckpt(tmp_path_factory) -> Path:
+    """A bank of 3-frame clips (the tiny model's window holds 3 frames before the one it generates)."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("clips") / "ckpt", n_prompts=5, prompt_frames=3)
+
+
+def _record_starts(monkeypatch, model) -> list:
+    seen, start = [], model.start
+
+    def recording(prompt, **kwargs):
+        seen.append(prompt.clone())
+        return start(prompt, **kwargs)
+
+    monkeypatch.setattr(model, "start", recording)
+    return seen
+
+
+def _as_tensor(clip: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(clip).permute(3, 0, 1, 2).float().div(255)[None]  # (1, 3, T, H, W)
+
+
+def test_a_bank_of_clips_primes_the_model_with_the_frames_before_the_start(clip_ckpt, monkeypatch):
+    clips = np.load(clip_ckpt / "prompts.npz")["frames"]
+    env = GenieEnv(clip_ckpt)
+    seen = _record_starts(monkeypatch, env.model)
+    obs, info = env.reset(seed=3)
+    clip = clips[info["prompt_index"]]
+    assert np.array_equal(obs, clip[-1])  # the start frame is the clip's last
+    assert torch.equal(seen[-1], _as_tensor(clip))  # the whole clip primes the model
+    assert env.step(2)[0].shape == (SIZE, SIZE, 3)
+    # a bank of single frames (as assigned by training.train_agent) still works
+    env.prompt_bank = clips[:, -1]
+    obs, info = env.reset(seed=3)
+    assert np.array_equal(obs, clips[info["prompt_index"], -1])
+    assert torch.equal(seen[-1], _as_tensor(clip[-1:]))  # a one-frame clip
+    # a shorter context window keeps the clip's last frames, leaving room for the generated one
+    short = GenieEnv(clip_ckpt, context_frames=2)
+    seen = _record_starts(monkeypatch, short.model)
+    short.reset(seed=3)
+    assert torch.equal(seen[-1], _as_tensor(clip[-1:]))
+    assert short.step(2)[0].shape == (SIZE, SIZE, 3)
+
+
+def test_vector_env_starts_and_restarts_rows_from_clips(clip_ckpt, monkeypatch):
+    clips = np.load(clip_ckpt / "prompts.npz")["frames"]
+    envs = GenieVectorEnv(2, clip_ckpt, max_episode_steps=1)
+    seen = _record_starts(monkeypatch, envs.model)
+    obs, info = envs.reset(seed=0)
+    assert torch.equal(seen[-1], torch.cat([_as_tensor(clips[i]) for i in info["prompt_index"]]))
+    assert np.array_equal(obs, clips[info["prompt_index"], -1])
+    restarts, reset_rows = [], envs.session.reset_rows
+    monkeypatch.setattr(envs.session, "reset_rows",
+                        lambda rows, prompt: (restarts.append(prompt.clone()), reset_rows(rows, prompt)))
+    envs.step(np.array([0, 1]))  # both truncate after one step
+    obs, *_ = envs.step(np.array([0, 1]))  # and restart from clips of the bank
+    assert len(restarts) == 1 and restarts[0].shape == (2, 3, 3, SIZE, SIZE)
+    for row in range(2):
+        match = [i for i in range(len(clips)) if torch.equal(restarts[0][row], _as_tensor(clips[i])[0])]
+        assert match and np.array_equal(obs[row], clips[match[0], -1])
+
+
+def test_a_bank_of_clips_longer_than_the_window_is_refused(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", n_prompts=2, prompt_frames=4)  # window: 3 + 1
+    with pytest.raises(CheckpointError, match=r"\(N, T, 16, 16, 3\) with 1 <= T <= 3"):
+        GenieEnv(ckpt)
+
+
 # ---------------------------------------------------------------------------------------- actions
 @pytest.mark.parametrize("action", [1.0, np.float32(1), True, np.bool_(True), None, "1", np.array(1.5),
                                     torch.tensor(1)])

@@ -34,12 +34,17 @@ def test_export_writes_a_loadable_shippable_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["action_map.json", "config.json", "model.safetensors",
                                                      "prompts.npz"]
     model = Genie.from_pretrained(out)
-    frames = np.load(out / "prompts.npz")["frames"]
-    assert frames.shape == (10, 16, 16, 3) and frames.dtype == np.uint8
-    # the bank holds real frames of the validation videos (each video's first frame comes first)
+    clips = np.load(out / "prompts.npz")["frames"]
+    # clips of 3 frames (the tiny model's context window of 4 less the generated frame), start frame last
+    assert clips.shape == (10, 3, 16, 16, 3) and clips.dtype == np.uint8
+    # the bank holds real clips of the validation videos, consecutive frames of one video each (each
+    # video's first clip comes first)
     from genie_env.media import read_video
 
-    assert np.array_equal(frames[0], read_video(val / "videos" / "video_000.mp4")[0])
+    videos = [read_video(val / "videos" / f"video_{i:03d}.mp4") for i in range(3)]
+    assert np.array_equal(clips[0], videos[0][:3])
+    for clip in clips:
+        assert any(np.array_equal(clip, v[s: s + 3]) for v in videos for s in range(len(v) - 2))
     amap = json.loads((out / "action_map.json").read_text())
     assert set(amap) <= {"LEFT", "RIGHT", "NONE", "UP", "LEFT+UP", "RIGHT+UP"} and set(amap) >= {"LEFT", "RIGHT"}
     assert all(0 <= v < 8 for v in amap.values())
@@ -63,3 +68,18 @@ def test_export_sets_shipped_sampling_and_keeps_the_model_card(tmp_path):
     with pytest.raises(SystemExit):
         export_main(args + ["--maskgit-steps", "0"])
     assert Genie.from_pretrained(out).config.maskgit_steps == 3  # a refused export leaves the folder alone
+
+
+def test_export_prompt_frames_option(tmp_path):
+    release = write_tiny_checkpoint(tmp_path / "release", n_prompts=2)
+    val = moving_square_videos(tmp_path / "val", n=2, frames=20)
+    out = tmp_path / "weights"
+    args = ["--release", str(release), "--val-data", str(val), "--out", str(out), "--prompts", "4"]
+    assert export_main(args + ["--prompt-frames", "1"]) == 0
+    frames = np.load(out / "prompts.npz")["frames"]
+    assert frames.shape == (4, 16, 16, 3)  # single start frames, as banks were before clips
+    from genie_env.media import read_video
+
+    assert np.array_equal(frames[0], read_video(val / "videos" / "video_000.mp4")[0])
+    with pytest.raises(SystemExit):
+        export_main(args + ["--prompt-frames", "4"])  # the tiny model's window holds 3 + the generated one

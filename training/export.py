@@ -31,16 +31,24 @@ from training.data import FrameCache, load_actions
 GROUPS = ("LEFT", "RIGHT", "UP", "LEFT+UP", "RIGHT+UP", "NONE")
 
 
-def prompt_bank(val_data: Path, size: int, n: int = 256, seed: int = 0) -> np.ndarray:
-    """(n, H, W, 3) uint8 real frames from the validation videos: each video's first frame, then frames
-    drawn uniformly at random."""
+def prompt_bank(val_data: Path, size: int, n: int = 256, seed: int = 0, frames: int = 1) -> np.ndarray:
+    """Real prompts from the validation videos (one episode each): each video's first clip, then clips
+    drawn uniformly at random. ``frames`` = 1: (n, H, W, 3) uint8 start frames; more: (n, frames, H, W, 3)
+    clips of consecutive frames of one episode, the start frame last (the env primes the model with the
+    frames before it). Videos shorter than ``frames`` are skipped."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
     cache = FrameCache(val_data, size, log=lambda *a: None)
+    usable = [i for i, v in enumerate(cache.videos) if v.frames >= frames]
+    if not usable:
+        raise ValueError(f"{val_data}: no video has {frames} frames for a prompt clip")
     rng = np.random.default_rng(seed)
-    frames = [cache.clip(i, 0, 1)[0] for i in range(len(cache.videos))][:n]
-    while len(frames) < n:
-        i = int(rng.integers(len(cache.videos)))
-        frames.append(cache.clip(i, int(rng.integers(cache.videos[i].frames)), 1)[0])
-    return np.stack(frames)
+    clips = [np.asarray(cache.clip(i, 0, frames)) for i in usable][:n]
+    while len(clips) < n:
+        i = usable[int(rng.integers(len(usable)))]
+        clips.append(np.asarray(cache.clip(i, int(rng.integers(cache.videos[i].frames - frames + 1)), frames)))
+    out = np.stack(clips)
+    return out[:, 0] if frames == 1 else out
 
 
 @torch.no_grad()
@@ -99,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--prompts", type=int, default=256)
+    p.add_argument("--prompt-frames", type=int, default=None,
+                   help="frames of each prompt clip, the start frame last (1 = single start frames); the "
+                        "env primes the model with the ones before the start (default: 4, fewer when the "
+                        "model's context window is shorter)")
     p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--maskgit-steps", type=int, default=None,
                    help="the shipped default number of MaskGIT steps (default: the release's)")
@@ -117,7 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and keep_card}
     tmp = a.out.with_name(a.out.name + ".extras")
     tmp.mkdir(parents=True, exist_ok=True)
-    frames = prompt_bank(a.val_data, model.config.image_size, a.prompts)
+    if a.prompt_frames is None:
+        a.prompt_frames = min(4, max(model.config.context_frames - 1, 1))
+    if not 1 <= a.prompt_frames <= max(model.config.context_frames - 1, 1):
+        p.error(f"--prompt-frames must be in [1, {max(model.config.context_frames - 1, 1)}] (the model's context "
+                f"window less the generated frame), got {a.prompt_frames}")
+    try:
+        frames = prompt_bank(a.val_data, model.config.image_size, a.prompts, frames=a.prompt_frames)
+    except ValueError as e:
+        p.error(str(e))
     np.savez_compressed(tmp / "prompts.npz", frames=frames)
     lat, grp = infer_with_groups(model, a.val_data)
     am = action_map(lat, grp, model.config.action_vocab_size)
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if f.parent == tmp:
             f.unlink()
     tmp.rmdir()
-    print(f"wrote {a.out}: {len(frames)} prompt frames, action map {am['map']}")
+    print(f"wrote {a.out}: {len(frames)} prompts of {a.prompt_frames} frame(s), action map {am['map']}")
     print("latent action counts per true action group:", json.dumps(am["counts"]))
     return 0
 
