@@ -11,8 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_checkpoint
 
-from training.keydriven import KEYS, KeyArgs, check_floors, key_metrics, parse_key_sequence, run_keydriven, view_shift
+from genie_env import Genie
+from training.keydriven import (
+    KEYS,
+    KeyArgs,
+    bank_prompt_frames,
+    check_floors,
+    key_metrics,
+    parse_key_sequence,
+    run_keydriven,
+    view_shift,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -165,3 +176,12 @@ def test_bad_settings_are_refused_by_name(tiny_checkpoint):
     (tiny_checkpoint / "action_map.json").write_text(json.dumps({"LEFT": 1, "RIGHT": 2}))
     with pytest.raises(ValueError, match="action map lacks"):
         run_keydriven(Genie.from_pretrained(tiny_checkpoint), KeyArgs(starts=2))
+
+
+def test_metric_7_primes_as_many_frames_as_the_env(tmp_path):
+    """The command's default prompt length is what Genie-v0's reset primes with: the checkpoint's clips."""
+    frames = Genie.from_pretrained(write_tiny_checkpoint(tmp_path / "frames"))
+    clips = Genie.from_pretrained(write_tiny_checkpoint(tmp_path / "clips", prompt_frames=3))
+    bare = Genie.from_pretrained(write_tiny_checkpoint(tmp_path / "bare"))
+    bare.extra_files = {}
+    assert (bank_prompt_frames(frames), bank_prompt_frames(clips), bank_prompt_frames(bare)) == (1, 3, 1)

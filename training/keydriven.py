@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from genie_env import Genie
-from genie_env.env import load_action_map
+from genie_env.env import load_action_map, load_prompt_bank
 from genie_env.models.genie import resolve_carry
 from genie_env.precision import add_dtype_options, autocast_dtype, dtype_from_options
 from training.metrics import psnr
@@ -61,7 +61,8 @@ class KeyArgs:
     warmup: int = 8
     """Steps of held random play before a start state is saved."""
     prompt_frames: int = 1
-    """Real frames the model is primed with, ending at the start frame (Genie-v0's reset primes with 1)."""
+    """Real frames the model is primed with, ending at the start frame (the command's default: as many as
+    Genie-v0's reset primes with, the length of the checkpoint's prompt clips, `bank_prompt_frames`)."""
     start_level: int = 1_000_000
     """First level of the validation range."""
     num_levels: int = 1000
@@ -320,6 +321,14 @@ def model_rollouts(model: Genie, prompts: torch.Tensor, actions: torch.Tensor, s
     return torch.cat(outs)
 
 
+def bank_prompt_frames(model: Genie) -> int:
+    """How many frames Genie-v0's reset primes this model with: the length of its prompt bank's clips
+    (1 for a bank of start frames or none), within the context window (`genie_env.env.prompt_clips`)."""
+    bank = load_prompt_bank(model)
+    frames = bank.shape[1] if bank is not None and bank.ndim == 5 else 1
+    return min(frames, max(model.config.context_frames - 1, 1))
+
+
 def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None, temperature: float | None = None,
                   log=print) -> dict:
     """Metric 7 of EVALUATION.md on the real game; returns the figures plus ``_real`` / ``_gen`` frames
@@ -481,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="release folder or hub repo id (default: shipped model)")
     p.add_argument("--steps", type=int, default=d.steps, help="steps each key is held")
     p.add_argument("--warmup", type=int, default=d.warmup, help="steps of random play before a start")
-    p.add_argument("--prompt-frames", type=int, default=d.prompt_frames,
-                   help="real frames priming the model, ending at the start frame (Genie-v0 primes with 1)")
+    p.add_argument("--prompt-frames", type=int, default=None,
+                   help="real frames priming the model, ending at the start frame (default: as many as "
+                        "Genie-v0 primes with, the length of the checkpoint's prompt clips)")
     p.add_argument("--start-level", type=int, default=d.start_level)
     p.add_argument("--num-levels", type=int, default=d.num_levels)
     p.add_argument("--distribution-mode", default=d.distribution_mode)
@@ -506,11 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    args = KeyArgs(starts=a.keydriven, steps=a.steps, warmup=a.warmup, prompt_frames=a.prompt_frames,
+    model = Genie.from_pretrained(a.checkpoint).eval()
+    prompt_frames = a.prompt_frames if a.prompt_frames is not None else bank_prompt_frames(model)
+    args = KeyArgs(starts=a.keydriven, steps=a.steps, warmup=a.warmup, prompt_frames=prompt_frames,
                    start_level=a.start_level, num_levels=a.num_levels, distribution_mode=a.distribution_mode,
                    seed=a.seed, batch=a.batch, long_keys=a.long_keys,
                    long_steps=a.long_steps, long_starts=a.strip_starts)
-    model = Genie.from_pretrained(a.checkpoint).eval()
     if a.carry is not None:
         model.config.carry_unchanged = a.carry
     a.dtype = dtype_from_options(a, model.device)
