@@ -81,5 +81,7 @@ def test_export_prompt_frames_option(tmp_path):
     from genie_env.media import read_video
 
     assert np.array_equal(frames[0], read_video(val / "videos" / "video_000.mp4")[0])
+    before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(SystemExit):
         export_main(args + ["--prompt-frames", "4"])  # the tiny model's window holds 3 + the generated one
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # refused before anything was written

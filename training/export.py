@@ -124,11 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             model.config = dataclasses.replace(model.config, **sampling)
         except ConfigError as e:
             p.error(str(e))
-    keep_card = a.out.resolve() != a.release.resolve()
-    trained_map = load_action_map(model)  # {} when the release carries none
-    model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and keep_card}
-    tmp = a.out.with_name(a.out.name + ".extras")
-    tmp.mkdir(parents=True, exist_ok=True)
     if a.prompt_frames is None:
         a.prompt_frames = min(4, max(model.config.context_frames - 1, 1))
     if not 1 <= a.prompt_frames <= max(model.config.context_frames - 1, 1):
@@ -138,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         frames = prompt_bank(a.val_data, model.config.image_size, a.prompts, frames=a.prompt_frames)
     except ValueError as e:
         p.error(str(e))
+    keep_card = a.out.resolve() != a.release.resolve()
+    trained_map = load_action_map(model)  # {} when the release carries none
+    model.extra_files = {k: v for k, v in model.extra_files.items() if k == "README.md" and keep_card}
+    tmp = a.out.with_name(a.out.name + ".extras")
+    tmp.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(tmp / "prompts.npz", frames=frames)
     lat, grp = infer_with_groups(model, a.val_data)
     am = action_map(lat, grp, model.config.action_vocab_size)
