@@ -71,13 +71,19 @@ def load_prompt_bank(model: Genie) -> np.ndarray | None:
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot read the prompt bank (expected an npz with a 'frames' array): "
                               f"{e}") from e
-    max_t = model.config.context_frames - 1
+    max_t = max_prompt_frames(model.config.context_frames)
     if (frames.dtype != np.uint8 or frames.ndim not in (4, 5) or frames.shape[-3:] != (size, size, 3)
-            or not len(frames) or (frames.ndim == 5 and not 1 <= frames.shape[1] <= max(max_t, 1))):
+            or not len(frames) or (frames.ndim == 5 and not 1 <= frames.shape[1] <= max_t)):
         raise CheckpointError(f"{path}: 'frames' must be uint8 of shape (N, {size}, {size}, 3) (start frames) or "
-                              f"(N, T, {size}, {size}, 3) with 1 <= T <= {max(max_t, 1)} (clips ending at the "
+                              f"(N, T, {size}, {size}, 3) with 1 <= T <= {max_t} (clips ending at the "
                               f"start frame), N >= 1; got {frames.dtype} {frames.shape}")
     return frames
+
+
+def max_prompt_frames(context_frames: int) -> int:
+    """The most prompt frames a context window of ``context_frames`` primes with: it keeps room for the
+    frame generated next (at least one, the start frame)."""
+    return max(context_frames - 1, 1)
 
 
 def prompt_clips(bank: np.ndarray, index: Any, context_frames: int) -> np.ndarray:
@@ -87,7 +93,7 @@ def prompt_clips(bank: np.ndarray, index: Any, context_frames: int) -> np.ndarra
     clips = bank[index]
     if clips.ndim == 4:
         clips = clips[:, None]
-    return clips[:, -max(context_frames - 1, 1):]
+    return clips[:, -max_prompt_frames(context_frames):]
 
 
 def load_action_map(model: Genie) -> dict[str, int]:

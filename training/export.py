@@ -24,7 +24,7 @@ import torch
 
 from genie_env import Genie
 from genie_env.config import ConfigError
-from genie_env.env import load_action_map
+from genie_env.env import load_action_map, max_prompt_frames
 from genie_env.hub import EXTRA_FILES
 from training.data import FrameCache, load_actions
 
@@ -124,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             model.config = dataclasses.replace(model.config, **sampling)
         except ConfigError as e:
             p.error(str(e))
+    most = max_prompt_frames(model.config.context_frames)
     if a.prompt_frames is None:
-        a.prompt_frames = min(4, max(model.config.context_frames - 1, 1))
-    if not 1 <= a.prompt_frames <= max(model.config.context_frames - 1, 1):
-        p.error(f"--prompt-frames must be in [1, {max(model.config.context_frames - 1, 1)}] (the model's context "
+        a.prompt_frames = min(4, most)
+    if not 1 <= a.prompt_frames <= most:
+        p.error(f"--prompt-frames must be in [1, {most}] (the model's context "
                 f"window less the generated frame), got {a.prompt_frames}")
     try:
         frames = prompt_bank(a.val_data, model.config.image_size, a.prompts, frames=a.prompt_frames)

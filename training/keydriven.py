@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from genie_env import Genie
-from genie_env.env import load_action_map, load_prompt_bank
+from genie_env.env import load_action_map, load_prompt_bank, max_prompt_frames
 from genie_env.models.genie import resolve_carry
 from genie_env.precision import add_dtype_options, autocast_dtype, dtype_from_options
 from training.metrics import psnr
@@ -326,7 +326,7 @@ def bank_prompt_frames(model: Genie) -> int:
     (1 for a bank of start frames or none), within the context window (`genie_env.env.prompt_clips`)."""
     bank = load_prompt_bank(model)
     frames = bank.shape[1] if bank is not None and bank.ndim == 5 else 1
-    return min(frames, max(model.config.context_frames - 1, 1))
+    return min(frames, max_prompt_frames(model.config.context_frames))
 
 
 def run_keydriven(model: Genie, args: KeyArgs, maskgit_steps: int | None = None, temperature: float | None = None,
