@@ -269,6 +269,30 @@ def test_bf16_inference_close_to_fp32(tiny):
     assert (rec_low - tiny.detokenize(tok)).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("context", [0, 1])
+def test_tokens_do_not_depend_on_the_number_format(context):
+    """Frames code into the same tokens under bf16 autocast as in float32: with many codes close together,
+    a bf16 distance search would pick another code for many patches, and the dynamics' prompt and the
+    reward heads' inputs would change with the machine."""
+    model = tiny_model(tokenizer_vocab_size=4096, tokenizer_context=context)
+    x = frames(t=3)
+    with torch.no_grad():  # a book of codes packed as closely around the frames' latents as a trained one
+        tok = model.tokenizer
+        prev = tok._previous(x, None) if context else None
+        z = tok._encode_latents(x, prev).reshape(-1, tok.quantizer.dim)
+        g = torch.Generator().manual_seed(0)
+        pick = torch.randint(0, z.shape[0], (4096,), generator=g)
+        tok.quantizer.embed.copy_(z[pick] + 0.02 * z.std() * torch.randn(4096, z.shape[1], generator=g))
+    ref, ref_forced = model.tokenize(x), model.tokenizer.encode_teacher_forced(x)
+    model.autocast_dtype = torch.bfloat16
+    assert torch.equal(model.tokenize(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.tokenizer.encode_teacher_forced(x), ref_forced)
+        assert torch.equal(model.tokenizer.encode(x), ref)
+        # the search alone, as the quantizer's training pass calls it under autocast
+        assert torch.equal(tok.quantizer.nearest(z), ref_forced.reshape(-1))
+
+
 # ---------------------------------------------------------------------------------------------- learning
 def _overfit(module_loss, params, steps=60, lr=3e-3):
     opt = torch.optim.Adam(params, lr=lr)

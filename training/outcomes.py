@@ -136,7 +136,8 @@ class FeaturePool:
         self.sources = sources
         self.rng = np.random.default_rng([seed, 13])
         key = {"videos": [(v.name, v.frames) for v in sampler.cache.videos], "inside": inside, "near": near,
-               "seed": seed, "frozen": _frozen_hash(genie), "action_map": sorted(action_map.items())}
+               "seed": seed, "frozen": _frozen_hash(genie), "action_map": sorted(action_map.items()),
+               "tokens": "float32"}  # frames coded in float32 (pools from before that rule held bf16 codes)
         if genie.config.outcome_frames != 1:
             key["frames"] = genie.config.outcome_frames
         if extra:

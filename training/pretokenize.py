@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the first videos, up to this many frames (0 = all), e.g. to fit a transfer limit")
     p.add_argument("--batch", type=int, default=256, help="frames per forward pass")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast, as the dynamics stage would run (default: the release config's bf16)")
+                   help="bf16 autocast for the latent action model, as the dynamics stage would run (default: "
+                        "the release config's bf16); frames are coded into tokens in float32 either way")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     a = p.parse_args(argv)

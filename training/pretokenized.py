@@ -372,7 +372,8 @@ def infer_video(model, frames: np.ndarray, batch: int, autocast) -> tuple[np.nda
 def write_tokens_file(model, cache: FrameCache, out: str | Path, source: str, batch: int = 256,
                       bf16: bool | None = None, log=print) -> Path:
     """Tokenise every video of ``cache`` with ``model``'s tokenizer and infer its latent actions; one file.
-    ``bf16``: autocast as the dynamics stage would (default: the model config's ``bf16``)."""
+    ``bf16``: autocast as the dynamics stage would (default: the model config's ``bf16``); the tokens are
+    coded in float32 either way (`float32_encoding`), so a file's tokens do not depend on the machine."""
     import time
 
     out = Path(out)

@@ -27,7 +27,7 @@ from torch import nn
 
 from genie_env.config import GenieConfig
 from genie_env.models.blocks import ConvDecoder, ConvEncoder, PyramidEncoder, SkipDecoder
-from genie_env.models.quantizer import VectorQuantizer
+from genie_env.models.quantizer import VectorQuantizer, float32_encoding
 
 
 @dataclass
@@ -104,17 +104,20 @@ class VideoTokenizer(nn.Module):
         """(B, 3, T, H, W) frames in [0, 1] -> (B, T, h, w) long tokens: the tokens a model trains and plays
         on. With tokenizer_context, closed loop (`encode_closed_loop`): each frame coded against the previous
         decoded frame, frame 0 against ``context`` (B, 3, H, W) or the no-context frame, so that `decode`
-        gives back what encoding saw."""
+        gives back what encoding saw. Always in float32 (`float32_encoding`)."""
         if self.context:
             return self.encode_closed_loop(frames, context)[0]
-        return self.quantizer.nearest(self._encode_latents(frames))
+        with float32_encoding(frames.device):
+            return self.quantizer.nearest(self._encode_latents(frames.float()))
 
     def encode_teacher_forced(self, frames: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, T, H, W) -> (B, T, h, w) tokens, every frame at once, each coded against the *real* frame
         before it (frame 0 against ``context`` or the no-context frame): how pairs train. Decoded frame by
         frame (`decode`) errors pile up; validation reports that drift. Without context, `encode`."""
-        previous = self._previous(frames, context) if self.context else None
-        return self.quantizer.nearest(self._encode_latents(frames, previous))
+        with float32_encoding(frames.device):
+            frames = frames.float()
+            previous = self._previous(frames, context) if self.context else None
+            return self.quantizer.nearest(self._encode_latents(frames, previous))
 
     def encode_closed_loop(self, frames: torch.Tensor, context: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +128,11 @@ class VideoTokenizer(nn.Module):
         if not self.context:
             tokens = self.encode(frames)
             return tokens, self.decode(tokens)
+        with float32_encoding(frames.device):
+            return self._encode_closed_loop(frames.float(), context)
+
+    def _encode_closed_loop(self, frames: torch.Tensor, context: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         prev = self._first_previous(context, frames.shape[0], frames.shape[-1], frames.device)
         toks, outs = [], []
         for t in range(frames.shape[2]):
