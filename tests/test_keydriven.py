@@ -19,6 +19,7 @@ from training.keydriven import (
     KeyArgs,
     bank_prompt_frames,
     check_floors,
+    format_table,
     key_metrics,
     parse_key_sequence,
     run_keydriven,
@@ -101,6 +102,26 @@ def test_a_copy_model_gets_the_copy_psnr_and_no_scroll():
     assert res["jump_model_px"] == 0 and res["jump_agreement"] == 0 and res["jump_agreement_where_real_moved"] == 0
     floors = check_floors(res)
     assert not floors["psnr_above_copy"] and not floors["scroll_ratio"] and not floors["jump_agreement"]
+
+
+def test_intervals_over_the_starts_bracket_each_figure_and_show_how_much_the_starts_disagree():
+    real = synthetic_world(starts=8)
+    # a perfect model on every start: nothing to disagree about, every interval is the figure itself
+    res = key_metrics(real, real.clone())
+    for name in ("key_accuracy", "scroll_ratio", "scroll_agreement", "jump_ratio", "jump_agreement"):
+        assert res[f"{name}_ci"] == pytest.approx([res[name]] * 2)
+    # perfect on half the starts, the unchanged start frame on the other half: figures of 0.5, and an
+    # interval around each that is as wide as resampling 8 such starts makes it
+    half = real.clone()
+    half[::2] = real[::2, :, :1].expand_as(real[::2])
+    res = key_metrics(real, half)
+    for name in ("scroll_ratio", "scroll_agreement", "jump_agreement"):
+        lo, hi = res[f"{name}_ci"]
+        assert res[name] == pytest.approx(0.5)
+        assert lo < 0.5 < hi and 0.3 < hi - lo < 0.9, (name, lo, hi)
+    lo, hi = res["key_accuracy_ci"]
+    assert lo < res["key_accuracy"] < hi
+    assert "95% interval" in format_table(res)
 
 
 def test_key_accuracy_counts_a_model_that_swaps_left_and_right_as_wrong():

@@ -6,16 +6,16 @@
 From a real CoinRun state on a validation level (reached by a few steps of held random play, so the agent
 may be moving) the game state is saved; for each key group of the checkpoint's action map (LEFT, RIGHT,
 NONE, UP, LEFT+UP, RIGHT+UP) the state is restored and the key held for 8 steps in the real game, while
-the model, primed with the same start frame as `GenieEnv.reset` primes it (one frame), holds the mapped
-latent action for 8 steps. All starts and keys of the model side run as one batch per chunk, under a
-fixed seed and the checkpoint's sampling settings.
+the model, primed as `GenieEnv.reset` primes it (the start frame and, where the checkpoint's prompt bank
+holds clips, the real frames before it), holds the mapped latent action for 8 steps. All starts and keys
+of the model side run as one batch per chunk, under a fixed seed and the checkpoint's sampling settings.
 
 Figures: PSNR(model, real) at t = 1..8 next to copy (the start frame against real frame t); key accuracy
 over ordered key pairs whose real frames at t = 8 differ; the view's horizontal shift under RIGHT minus
 under LEFT at t = 8 and its vertical shift under UP minus NONE at t = 4, model against real (sign
-agreement and the ratio of the means). A start is used only if no key ends the episode within 8 steps
-(a death or the coin would show the next level's first frame), so each start is replayed further until
-it qualifies.
+agreement and the ratio of the means), each with a 95% interval over the starts (resampled). A start is
+used only if no key ends the episode within 8 steps (a death or the coin would show the next level's first
+frame), so each start is replayed further until it qualifies.
 """
 
 from __future__ import annotations
@@ -122,10 +122,30 @@ def _mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x.float() - y.float()).pow(2).mean((-3, -2, -1))
 
 
+BOOTSTRAP = 2000
+"""Resamples of the starts behind each figure's 95% interval (a percentile bootstrap over starts)."""
+
+
+def _resamples(n: int, seed: int = 0) -> torch.Tensor:
+    """(BOOTSTRAP, n) start indices drawn with replacement, the same for every figure (fixed seed)."""
+    return torch.randint(0, n, (BOOTSTRAP, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _interval(values: torch.Tensor) -> list[float]:
+    """The 2.5% and 97.5% points of a figure over the resamples (resamples where it is undefined, such as a
+    ratio over a zero real mean, are left out)."""
+    v = values.double()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return [float("nan"), float("nan")]
+    return [float(torch.quantile(v, 0.025)), float(torch.quantile(v, 0.975))]
+
+
 def key_metrics(real: torch.Tensor, gen: torch.Tensor, keys: tuple[str, ...] = KEYS, max_shift: int = 16,
                 jump_t: int = 4) -> dict:
     """Metric 7 from real and generated frames (N starts, K keys, 1 + T steps, 3, H, W) in [0, 1], frame 0
-    being the start frame (the same for every key). Returns the figures as floats and lists."""
+    being the start frame (the same for every key). Returns the figures as floats and lists; the key accuracy,
+scroll and jump figures come with 95% intervals over the starts (``*_ci``: the starts resampled)."""
     if real.shape != gen.shape or real.dim() != 6:
         raise ValueError(f"real and gen must both be (starts, keys, 1 + steps, 3, H, W), got {tuple(real.shape)} "
                          f"and {tuple(gen.shape)}")
@@ -153,6 +173,9 @@ def key_metrics(real: torch.Tensor, gen: torch.Tensor, keys: tuple[str, ...] = K
     correct = (own < gen_to_real) & pairs
     res["key_pairs"] = int(pairs.sum())
     res["key_accuracy"] = float(correct.sum() / pairs.sum()) if pairs.any() else float("nan")
+    boot = _resamples(n)
+    per_correct, per_pairs = correct.sum((1, 2)).double(), pairs.sum((1, 2)).double()
+    res["key_accuracy_ci"] = _interval(per_correct[boot].sum(1) / per_pairs[boot].sum(1))
     # scroll (RIGHT - LEFT, horizontal, last step) and jump (UP - NONE, vertical, step jump_t)
     checks = (("scroll", ("RIGHT", "LEFT"), steps, 0), ("jump", ("UP", "NONE"), min(jump_t, steps), 1))
     for name, (a, b), t, axis in checks:
@@ -170,6 +193,8 @@ def key_metrics(real: torch.Tensor, gen: torch.Tensor, keys: tuple[str, ...] = K
         same = torch.sign(m) == torch.sign(r)
         moved = r != 0
         res[f"{name}_agreement"] = float(same.float().mean())
+        res[f"{name}_ratio_ci"] = _interval(m[boot].mean(1) / r[boot].mean(1))
+        res[f"{name}_agreement_ci"] = _interval(same.double()[boot].mean(1))
         res[f"{name}_real_nonzero"] = int(moved.sum())
         # the same share over the starts where the real view moved: tells missing a real move apart from
         # moving where the game stood still
@@ -416,18 +441,23 @@ def format_table(res: dict) -> str:
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
     lines.append(f"floor PSNR > copy at every t: {ok(fl['psnr_above_copy'])}; goal copy + 2 dB at t = {steps}: "
                  f"{ok(fl['psnr_goal_copy+2@last'])}")
-    lines.append(f"key accuracy {res['key_accuracy']:.3f} over {res['key_pairs']} ordered pairs   "
+    ci = lambda name: (f" (95% interval {res[name][0]:.3f}-{res[name][1]:.3f})"  # noqa: E731
+                       if name in res else "")
+    lines.append(f"key accuracy {res['key_accuracy']:.3f}{ci('key_accuracy_ci')} over {res['key_pairs']} ordered "
+                 f"pairs   "
                  f"floor 0.85: {ok(fl['key_accuracy'])}, goal 0.95: {ok(fl['key_accuracy_goal'])}")
     if "scroll_ratio" in res:
         lines.append(f"scroll RIGHT - LEFT @{res['scroll_t']}: model {res['scroll_model_px']:.2f} px, real "
-                     f"{res['scroll_real_px']:.2f} px, ratio {res['scroll_ratio']:.3f}, sign agreement "
+                     f"{res['scroll_real_px']:.2f} px, ratio {res['scroll_ratio']:.3f}{ci('scroll_ratio_ci')}, "
+                     f"sign agreement "
                      f"{res['scroll_agreement']:.3f} ({res['scroll_agreement_where_real_moved']:.3f} over the "
                      f"{res['scroll_real_nonzero']} starts where the real view moved)   "
                      f"floor 0.8-1.25: {ok(fl['scroll_ratio'])}, goal 0.9-1.1: {ok(fl['scroll_ratio_goal'])}")
     if "jump_agreement" in res:
         lines.append(f"jump UP - NONE @{res['jump_t']}: model {res['jump_model_px']:.2f} px, real "
                      f"{res['jump_real_px']:.2f} px, ratio {res['jump_ratio']:.3f}, sign agreement "
-                     f"{res['jump_agreement']:.3f} ({res['jump_agreement_where_real_moved']:.3f} over the "
+                     f"{res['jump_agreement']:.3f}{ci('jump_agreement_ci')} "
+                     f"({res['jump_agreement_where_real_moved']:.3f} over the "
                      f"{res['jump_real_nonzero']} starts where the real view moved)   "
                      f"floor 0.9: {ok(fl['jump_agreement'])}, goal 0.98: {ok(fl['jump_agreement_goal'])}")
     if "long_psnr" in res:
