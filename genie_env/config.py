@@ -48,6 +48,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "top_k": (0, 65536),
     "batch_size": (1, 65536),
     "warmup_steps": (0, 10**9),
+    "outcome_inside": (0, 10**8),
     "max_steps": (1, 10**9),
     "epochs": (1, 10**6),
     "seed": (0, 2**63 - 1),
@@ -74,6 +75,7 @@ _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "lambda_dynamics": (0.0, 1e3),
     "outcome_end_fraction": (0.0, 1.0),
     "outcome_pos_weight": (1.0, 1e6),
+    "outcome_inside_fraction": (0.0, 1.0),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "maskgit_schedule": ("cosine", "linear", "exp"),
@@ -175,6 +177,13 @@ class GenieConfig:
     outcome_pos_weight: float = 20.0
     """Reward stage: loss weight of an event against a non-event (events are rare); the heads subtract
     its log from their logits so that their probabilities are the real game's."""
+    outcome_inside: int = 16384
+    """Reward stage, token heads: ordinary transitions (neither an episode's end nor one of the 8 before it)
+    drawn into the pool of inputs computed once. They are nearly every transition of the game, so a head
+    that fires on one in a thousand of them loses most of its precision."""
+    outcome_inside_fraction: float = 0.0
+    """Reward stage, token heads: share of each batch drawn from the pool's ordinary transitions, on top
+    of the uniform draw over everything that is not an end (importance weights keep the loss the game's)."""
 
     # --- sampling ---
     maskgit_steps: int = 25
@@ -274,6 +283,11 @@ class GenieConfig:
             raise ConfigError(
                 f"dynamics_num_heads ({self.dynamics_num_heads}) must divide dynamics_dim "
                 f"({self.dynamics_dim})"
+            )
+        if self.outcome_end_fraction + self.outcome_inside_fraction > 1:
+            raise ConfigError(
+                f"outcome_end_fraction ({self.outcome_end_fraction}) + outcome_inside_fraction "
+                f"({self.outcome_inside_fraction}) must not exceed 1: they are shares of one batch"
             )
         if self.mask_rate_min > self.mask_rate_max:
             raise ConfigError(

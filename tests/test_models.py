@@ -80,6 +80,10 @@ def test_config_validation_names_field(tmp_path):
         GenieConfig(dynamics_dim=100, dynamics_num_heads=3)
     with pytest.raises(ConfigError, match="learning_rate"):
         GenieConfig(learning_rate="fast")
+    with pytest.raises(ConfigError, match="outcome_inside_fraction.*shares of one batch"):
+        GenieConfig(outcome_end_fraction=0.5, outcome_inside_fraction=0.6)
+    with pytest.raises(ConfigError, match="outcome_inside must be an integer"):
+        GenieConfig(outcome_inside=0.5)
     with pytest.raises(ConfigError, match="unknown config field.*dynamcis_dim"):
         GenieConfig.from_dict({"dynamcis_dim": 3})
     cfg = tiny_config(maskgit_steps=7)

@@ -274,6 +274,25 @@ def test_feature_pool_holds_every_end_the_frames_before_and_weights_back(tmp_pat
     assert "computed once" in logs[2] and len(other.tokens) == 2 + 2 + 5
 
 
+def test_a_share_of_ordinary_transitions_in_each_batch_keeps_the_game_s_distribution(tmp_path):
+    cache = FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None)
+    s = OutcomeSampler(cache, end_fraction=0.25)
+    model = tiny_model(outcome_input="tokens")
+    plain = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=lambda *a: None)
+    pool = FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, batch_size=4, log=lambda *a: None,
+                       inside_fraction=0.5)
+    assert pool.is_other.sum() == 5 and not (pool.is_other & pool.is_end).any()
+    for p, least in ((plain, 0.0), (pool, 0.5)):
+        b = p.sample(8000)
+        other = p.is_other[b["index"]]
+        # drawn at least inside_fraction of the time, weighted back to the game's share: 23 of 29
+        assert other.mean() == pytest.approx(least + (1 - 0.25 - least) * 5 / 9, abs=0.03)
+        assert (b["weight"] * other).sum() / b["weight"].sum() == pytest.approx(23 / 29, abs=0.02)
+        assert (b["weight"] * p.is_end[b["index"]]).sum() / b["weight"].sum() == pytest.approx(2 / 29, abs=0.01)
+    with pytest.raises(ValueError, match="inside_fraction"):
+        FeaturePool(model, s, {"RIGHT": 2, "LEFT": 1}, inside=5, near=2, inside_fraction=0.8, log=lambda *a: None)
+
+
 def test_episode_ends_recordings_join_the_pool_with_weights_that_keep_the_game_s_distribution(tmp_path):
     full = OutcomeSampler(FrameCache(_outcome_videos(tmp_path / "d"), 16, log=lambda *a: None), end_fraction=0.5)
     # an episode-ends recording of 6 videos: 4 more ends (2 coins, 2 deaths) and 4 x 2 more near transitions

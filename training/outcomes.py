@@ -98,7 +98,7 @@ class Strata:
         bounds = np.cumsum([0] + [len(f) for f in fars])
         w_far = n_far / max(1, take)
         self.picks: list[tuple[int, np.ndarray]] = []
-        weight, is_end = [], []
+        weight, is_end, is_other = [], [], []
         for i in range(len(sources)):
             far = fars[i][drawn[(drawn >= bounds[i]) & (drawn < bounds[i + 1])] - bounds[i]]
             idx = np.concatenate([ends[i], nears[i], far]).astype(np.int64)
@@ -106,8 +106,11 @@ class Strata:
             weight.append(np.concatenate([np.full(len(ends[i]), w_end), np.full(len(nears[i]), w_near),
                                           np.full(len(far), w_far)]))
             is_end.append(np.arange(len(idx)) < len(ends[i]))
+            is_other.append(np.arange(len(idx)) >= len(ends[i]) + len(nears[i]))
         self.weight = np.concatenate(weight).astype(np.float32)
         self.is_end = np.concatenate(is_end)
+        self.is_other = np.concatenate(is_other)
+        """Which picks are drawn from the ordinary transitions (neither an end nor near one)."""
         self.counts = {"ends": count(ends, False), "near": count(nears, False), "others": int(take)}
 
     def __len__(self) -> int:
@@ -120,19 +123,24 @@ class FeaturePool:
     ``inside`` others; ``extra`` episode-ends recordings add their ends and near transitions), with weights
     that make the pool's weighted distribution the recording's.
 
-    A batch is ``end_fraction`` end transitions, the rest drawn from the other strata; its weights turn it
-    back into the recording's distribution (importance weights), as `OutcomeSampler`'s do. Only the
-    ``tokens`` input can be pooled: hidden states change with the context length drawn per batch.
+    A batch is ``end_fraction`` end transitions, ``inside_fraction`` ordinary ones (the ``inside`` others:
+    nearly every transition of the game, where a head's false alarms cost the most), the rest drawn from
+    everything that is not an end; its weights turn it back into the recording's distribution (importance
+    weights), as `OutcomeSampler`'s do. Only the ``tokens`` input can be pooled: hidden states change with
+    the context length drawn per batch.
     """
 
     def __init__(self, genie: Genie, sampler: OutcomeSampler, action_map: dict[str, int], inside: int = 16384,
                  near: int = 8, batch_size: int = 128, seed: int = 0, log=print, cache: Path | None = None,
-                 extra: list[OutcomeSampler] = ()) -> None:
+                 extra: list[OutcomeSampler] = (), inside_fraction: float = 0.0) -> None:
         if genie.config.outcome_input != "tokens":
             raise ValueError("FeaturePool holds tokens: it needs outcome_input 'tokens'")
+        if not 0 <= inside_fraction <= 1 - sampler.end_fraction:
+            raise ValueError(f"inside_fraction must be in [0, 1 - end_fraction = {1 - sampler.end_fraction}]: "
+                             f"both are shares of one batch, got {inside_fraction}")
         rng = np.random.default_rng([seed, 11])
         sources = [sampler, *extra]
-        self.sampler, self.end_fraction = sampler, sampler.end_fraction
+        self.sampler, self.end_fraction, self.inside_fraction = sampler, sampler.end_fraction, float(inside_fraction)
         self.sources = sources
         self.rng = np.random.default_rng([seed, 13])
         key = {"videos": [(v.name, v.frames) for v in sampler.cache.videos], "inside": inside, "near": near,
@@ -142,15 +150,14 @@ class FeaturePool:
             key["frames"] = genie.config.outcome_frames
         if extra:
             key["extra"] = [[str(s.cache.data_dir), len(s.cache.videos), s.num_transitions] for s in extra]
+        strata = Strata(sources, inside, near, rng)  # cheap: which transitions, not their inputs
+        self.weight, self.is_end, self.is_other = strata.weight, strata.is_end, strata.is_other
         if cache is not None and Path(cache).is_file():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
-            if saved["key"] == json.dumps(key):
+            if saved["key"] == json.dumps(key) and np.array_equal(saved["weight"].numpy(), self.weight):
                 self.tokens, self.actions, self.events = saved["tokens"], saved["actions"], saved["events"]
-                self.weight, self.is_end = saved["weight"].numpy(), saved["is_end"].numpy()
                 log(f"stage reward: inputs of {len(self.tokens)} transitions read from {cache}")
                 return
-        strata = Strata(sources, inside, near, rng)
-        self.weight, self.is_end = strata.weight, strata.is_end
         k = genie.config.lam_context_frames
         gen = torch.Generator().manual_seed(seed)
         toks, acts, events = [], [], []
@@ -176,17 +183,24 @@ class FeaturePool:
                          "is_end": torch.from_numpy(self.is_end)}, Path(cache))
 
     def sample(self, batch: int, k: int = 0) -> dict:  # noqa: ARG002 - k: the context, fixed by the pool
-        """A batch: inputs, events and importance weights (natural share / sampled share of each draw)."""
+        """A batch: inputs, events, importance weights (natural share / sampled share of each draw) and the
+        pool's numbers of the transitions drawn (``index``)."""
         ends, rest = np.flatnonzero(self.is_end), np.flatnonzero(~self.is_end)
-        n_end = len(ends)
-        from_end = self.rng.random(batch) < self.end_fraction
+        others = np.flatnonzero(self.is_other)
+        n_end, f_end, f_in = len(ends), self.end_fraction, self.inside_fraction if len(others) else 0.0
+        u = self.rng.random(batch)
+        from_end = u < f_end
         idx = np.where(from_end, ends[self.rng.integers(0, n_end, batch)], rest[self.rng.integers(0, len(rest), batch)])
-        total = self.weight.sum()
-        # natural probability weight_i / total against sampled probability: f / n_end or (1 - f) / len(rest)
-        sampled = np.where(from_end, self.end_fraction / n_end, (1 - self.end_fraction) / len(rest))
-        weight = (self.weight[idx] / total) / sampled
+        # natural probability weight_i / total against the probability of drawing i: f / n_end for an end,
+        # (1 - f - f_in) / len(rest) for the rest, plus f_in / len(others) for an ordinary one
+        sampled = np.where(from_end, f_end / n_end, (1 - f_end - f_in) / len(rest))
+        if f_in > 0:
+            from_in = ~from_end & (u < f_end + f_in)
+            idx = np.where(from_in, others[self.rng.integers(0, len(others), batch)], idx)
+            sampled = sampled + self.is_other[idx] * (f_in / len(others))
+        weight = (self.weight[idx] / self.weight.sum()) / sampled
         return {"tokens": self.tokens[idx], "actions": self.actions[idx], "events": self.events[idx].numpy(),
-                "weight": weight.astype(np.float32)}
+                "weight": weight.astype(np.float32), "index": idx}
 
     def event_counts(self) -> dict[str, int]:
         """Transitions and events of the recordings the pool draws from (all of them)."""

@@ -52,7 +52,7 @@ STAGE_FIELDS = {
     "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "epochs", "grad_clip",
     "num_frames", "bf16", "gradient_checkpointing", "mask_rate_min", "mask_rate_max", "context_noise",
     "lam_entropy_weight", "lam_beta", "lambda_action", "lambda_dynamics", "tokenizer_commitment",
-    "outcome_end_fraction", "outcome_pos_weight",
+    "outcome_end_fraction", "outcome_pos_weight", "outcome_inside", "outcome_inside_fraction",
 }
 STAGE_EXTRA = {"cotrain_lam": True, "key_actions": 0.0}
 
@@ -483,8 +483,9 @@ class Trainer:
             if cfg.outcome_input == "tokens":  # the frozen model's part of the inputs, computed once
                 from training.outcomes import FeaturePool
 
-                sampler = FeaturePool(genie, sampler, action_map or {}, seed=cfg.seed, log=self.log,
-                                      cache=sdir / "feature_pool.pt", extra=extra)
+                sampler = FeaturePool(genie, sampler, action_map or {}, inside=cfg.outcome_inside,
+                                      seed=cfg.seed, log=self.log, cache=sdir / "feature_pool.pt", extra=extra,
+                                      inside_fraction=cfg.outcome_inside_fraction)
                 genie.train()
             counts = sampler.event_counts()
             self.log(f"stage reward: {counts} in {args.data}")
