@@ -293,8 +293,10 @@ def test_tokens_do_not_depend_on_the_number_format(context):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model.tokenizer.encode_teacher_forced(x), ref_forced)
         assert torch.equal(model.tokenizer.encode(x), ref)
-        # the search alone, as the quantizer's training pass calls it under autocast
+        # the search alone, and the quantizer's own pass (the tokenizer stage trains through it), under autocast
         assert torch.equal(tok.quantizer.nearest(z), ref_forced.reshape(-1))
+        tok.quantizer.eval()  # no codebook update: the same book for the comparison
+        assert torch.equal(tok.quantizer(z).indices, ref_forced.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------------- learning

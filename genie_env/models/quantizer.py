@@ -87,17 +87,24 @@ class VectorQuantizer(nn.Module):
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each vector in z (..., d), computed in float32 (autocast off)."""
         with float32_encoding(z.device):
-            flat = z.reshape(-1, self.dim).float()
-            embed = self.embed.float()
-            dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed.t() + embed.pow(2).sum(1)[None]
-            return dist.argmin(1).view(z.shape[:-1])
+            return self._distances(z.reshape(-1, self.dim).float()).argmin(1).view(z.shape[:-1])
+
+    def _distances(self, flat: torch.Tensor) -> torch.Tensor:
+        """(n, d) float32 vectors -> (n, num_codes) squared distances to every code (call with autocast off:
+        among thousands of close codes bf16 cannot rank them)."""
+        embed = self.embed.float()
+        return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed.t() + embed.pow(2).sum(1)[None]
 
     def forward(self, z: torch.Tensor, return_probs: bool = False) -> QuantizerOutput:
-        """Quantize z (..., d)."""
+        """Quantize z (..., d). Runs in float32 (autocast off), as `nearest` does: the codes a training pass
+        picks and moves are those that coding a frame picks."""
+        with float32_encoding(z.device):
+            return self._quantize(z, return_probs)
+
+    def _quantize(self, z: torch.Tensor, return_probs: bool) -> QuantizerOutput:
         z = z.float()
         flat = z.reshape(-1, self.dim)
-        embed = self.embed.float()
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ embed.t() + embed.pow(2).sum(1)[None]
+        dist = self._distances(flat)
         idx = dist.argmin(1)
         onehot = F.one_hot(idx, self.num_codes).type(flat.dtype)
         counts = onehot.sum(0)
