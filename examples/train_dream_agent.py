@@ -68,7 +68,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--prompts", default=None, help="recorded dataset of the training levels (start frames)")
     p.add_argument("--checkpoint", default=None, help="world model with reward heads (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=100_000, help="dream steps to train for")
+    p.add_argument("--steps", type=int, default=150_000, help="dream steps to train for (the shipped agent: 150,528)")
     p.add_argument("--eval-levels", type=int, default=200, help="real levels to play afterwards (0: skip)")
     p.add_argument("--plot-only", action="store_true", help="only draw the learning curve of --out")
     a = p.parse_args()
