@@ -144,8 +144,9 @@ def _interval(values: torch.Tensor) -> list[float]:
 def key_metrics(real: torch.Tensor, gen: torch.Tensor, keys: tuple[str, ...] = KEYS, max_shift: int = 16,
                 jump_t: int = 4) -> dict:
     """Metric 7 from real and generated frames (N starts, K keys, 1 + T steps, 3, H, W) in [0, 1], frame 0
-    being the start frame (the same for every key). Returns the figures as floats and lists; the key accuracy,
-scroll and jump figures come with 95% intervals over the starts (``*_ci``: the starts resampled)."""
+    being the start frame (the same for every key). Returns the figures as floats and lists; the key
+    accuracy, scroll and jump figures come with 95% intervals over the starts (``*_ci``: the starts
+    resampled)."""
     if real.shape != gen.shape or real.dim() != 6:
         raise ValueError(f"real and gen must both be (starts, keys, 1 + steps, 3, H, W), got {tuple(real.shape)} "
                          f"and {tuple(gen.shape)}")
