@@ -152,6 +152,9 @@ class FeaturePool:
             key["extra"] = [[str(s.cache.data_dir), len(s.cache.videos), s.num_transitions] for s in extra]
         strata = Strata(sources, inside, near, rng)  # cheap: which transitions, not their inputs
         self.weight, self.is_end, self.is_other = strata.weight, strata.is_end, strata.is_other
+        # what every batch draws from, found once
+        self._ends, self._rest = np.flatnonzero(self.is_end), np.flatnonzero(~self.is_end)
+        self._others, self._total = np.flatnonzero(self.is_other), self.weight.sum()
         if cache is not None and Path(cache).is_file():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             if saved["key"] == json.dumps(key) and np.array_equal(saved["weight"].numpy(), self.weight):
@@ -185,8 +188,7 @@ class FeaturePool:
     def sample(self, batch: int, k: int = 0) -> dict:  # noqa: ARG002 - k: the context, fixed by the pool
         """A batch: inputs, events, importance weights (natural share / sampled share of each draw) and the
         pool's numbers of the transitions drawn (``index``)."""
-        ends, rest = np.flatnonzero(self.is_end), np.flatnonzero(~self.is_end)
-        others = np.flatnonzero(self.is_other)
+        ends, rest, others = self._ends, self._rest, self._others
         n_end, f_end, f_in = len(ends), self.end_fraction, self.inside_fraction if len(others) else 0.0
         u = self.rng.random(batch)
         from_end = u < f_end
@@ -198,7 +200,7 @@ class FeaturePool:
             from_in = ~from_end & (u < f_end + f_in)
             idx = np.where(from_in, others[self.rng.integers(0, len(others), batch)], idx)
             sampled = sampled + self.is_other[idx] * (f_in / len(others))
-        weight = (self.weight[idx] / self.weight.sum()) / sampled
+        weight = (self.weight[idx] / self._total) / sampled
         return {"tokens": self.tokens[idx], "actions": self.actions[idx], "events": self.events[idx].numpy(),
                 "weight": weight.astype(np.float32), "index": idx}
 
